@@ -1,0 +1,94 @@
+"""Evaluate a model on a manifest split (retrieval) and on a class-folder set (zero-shot).
+
+These functions embed with the model, then call the pure metric functions of ``vlalign.eval``.
+Each returns ``{"metrics": {...}, "chance": {...}, ...}`` with CLIP_benchmark metric names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import torch
+
+from vlalign.errors import DatasetFormatError
+from vlalign.eval.retrieval import retrieval_chance, retrieval_metrics
+from vlalign.eval.zero_shot import zero_shot_chance, zero_shot_classifier, zero_shot_metrics
+from vlalign.models import CLIPModel, ModelConfig, build_tokenizer_for
+from vlalign.models.inference import embed_images, embed_texts
+
+
+def retrieval_inputs(manifest: pd.DataFrame, split: str, lang: str) -> tuple[list[str], list[str], torch.Tensor]:
+    """Unique image paths, captions, and each caption's image index for one split and language."""
+    rows = manifest[(manifest["split"] == split) & (manifest["lang"] == lang)]
+    if rows.empty:
+        raise DatasetFormatError(
+            f"the manifest has no rows with split={split!r} and lang={lang!r}; "
+            f"it has splits {sorted(manifest['split'].unique())} and languages {sorted(manifest['lang'].unique())}."
+        )
+    image_ids = list(dict.fromkeys(rows["image_id"]))  # first-seen order, unique
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    paths = rows.drop_duplicates("image_id").set_index("image_id").loc[image_ids, "image_path"].tolist()
+    text_to_image = torch.tensor([index[i] for i in rows["image_id"]], dtype=torch.long)  # (M,)
+    return paths, rows["caption"].tolist(), text_to_image
+
+
+def evaluate_retrieval(
+    model: CLIPModel,
+    cfg: ModelConfig,
+    manifest: pd.DataFrame,
+    split: str = "test",
+    lang: str = "en",
+    batch_size: int = 256,
+    chunk_size: int = 1024,
+) -> dict[str, Any]:
+    """Text->image and image->text recall@1/5/10 with the multi-caption protocol, beside chance."""
+    paths, captions, text_to_image = retrieval_inputs(manifest, split, lang)
+    tokenizer = build_tokenizer_for(cfg)
+    image_emb = embed_images(model, cfg, paths, batch_size=batch_size)  # (N, D)
+    text_emb = embed_texts(model, cfg, tokenizer, captions, batch_size=batch_size)  # (M, D)
+    metrics = retrieval_metrics(image_emb, text_emb, text_to_image, chunk_size=chunk_size)
+    chance = retrieval_chance(text_to_image, len(paths))
+    return {
+        "split": split,
+        "language": lang,
+        "n_images": len(paths),
+        "n_captions": len(captions),
+        "metrics": metrics,
+        "chance": chance,
+    }
+
+
+def evaluate_zero_shot(
+    model: CLIPModel,
+    cfg: ModelConfig,
+    images: pd.DataFrame,
+    classnames: list[str],
+    templates: list[str],
+    lang: str = "en",
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Zero-shot top-1/top-5 and mean per-class recall with prompt-template ensembling, beside chance."""
+    if images.empty:
+        raise DatasetFormatError("the zero-shot set has no images.")
+    tokenizer = build_tokenizer_for(cfg)
+    prompts = [template.replace("{}", name) for name in classnames for template in templates]
+    prompt_emb = embed_texts(model, cfg, tokenizer, prompts, batch_size=batch_size)  # (C*T, D)
+    classifier = zero_shot_classifier(prompt_emb.view(len(classnames), len(templates), -1))  # (C, D)
+    image_emb = embed_images(model, cfg, images["image_path"].tolist(), batch_size=batch_size)  # (N, D)
+    logits = image_emb @ classifier.T  # (N, C)
+    labels = torch.as_tensor(images["label"].to_numpy(), dtype=torch.long)  # (N,)
+    per_class = {
+        classnames[c]: float((logits[labels == c].argmax(dim=1) == c).float().mean())
+        for c in range(len(classnames))
+        if bool((labels == c).any())
+    }
+    return {
+        "language": lang,
+        "n_images": len(images),
+        "n_classes": len(classnames),
+        "n_templates": len(templates),
+        "metrics": zero_shot_metrics(logits, labels),
+        "chance": zero_shot_chance(labels, len(classnames)),
+        "per_class_accuracy": per_class,
+    }

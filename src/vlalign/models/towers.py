@@ -1,0 +1,172 @@
+"""Image and text towers: timm / transformers wrappers with local-only weight loading.
+
+Nothing here downloads: timm models are created with ``pretrained=False`` and loaded from a local
+state-dict file; transformers models come from a ``BertConfig`` or from a local folder with
+``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
+
+from vlalign.data.tokenizers import build_tokenizer
+from vlalign.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from vlalign.models.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+from vlalign.paths import resolve_path
+
+
+def build_image_tower(cfg: ImageTowerConfig, load_weights: bool = True) -> tuple[nn.Module, int]:
+    """Create the timm backbone (no classifier) and return it with its output feature width.
+
+    With ``load_weights`` and ``cfg.weights`` set, the local weights file is loaded into it.
+    """
+    try:
+        model = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, **cfg.timm_kwargs)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"image tower: timm cannot create {cfg.timm_name!r} with timm_kwargs={cfg.timm_kwargs} ({exc}). "
+            "Check the architecture name (timm.list_models()) and its keyword arguments."
+        ) from exc
+    if load_weights and cfg.weights:
+        load_image_weights(model, cfg.weights, cfg.weights_match)
+    out_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    return model, out_dim
+
+
+def _read_state_dict(spec: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Load a plain state dict (weights_only) from the local file that ``spec`` names."""
+    path = resolve_path(spec)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise CheckpointError(f"{path}: cannot load weights with torch.load(weights_only=True): {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state).__name__}.")
+    return path, state
+
+
+def _is_classifier_head(entries: list[tuple[str, torch.Tensor]], num_features: int) -> bool:
+    """Whether ``entries`` is a (C, F) weight then a (C,) bias of a classifier over F = num_features."""
+    if len(entries) != 2:
+        return False
+    (_, weight), (_, bias) = entries
+    return weight.ndim == 2 and weight.shape[1] == num_features and bias.shape == (weight.shape[0],)
+
+
+def load_image_weights(model: nn.Module, spec: str, match: str) -> None:
+    """Load the state-dict file ``spec`` into the timm ``model`` (which has no classifier).
+
+    ``match="name"`` requires the file's names to equal the model's; ``match="position"`` pairs the
+    i-th tensor of the file with the i-th entry of ``model.state_dict()`` and checks the shapes one by
+    one (for checkpoints saved by other EfficientNet implementations). In both modes a trailing
+    classifier head in the file (a (C, F) weight and a (C,) bias) is ignored.
+    """
+    path, file_state = _read_state_dict(spec)
+    target = model.state_dict()
+    entries = list(file_state.items())
+    num_features = int(model.num_features)
+    if match == "name":
+        extra = [(k, v) for k, v in entries if k not in target]
+        if extra and _is_classifier_head(extra, num_features):
+            entries = [(k, v) for k, v in entries if k in target]
+        mapped = dict(entries)
+    elif match == "position":
+        if len(entries) == len(target) + 2 and _is_classifier_head(entries[-2:], num_features):
+            entries = entries[:-2]
+        if len(entries) != len(target):
+            raise CheckpointError(
+                f"{path}: holds {len(file_state)} tensors but {type(model).__name__} has {len(target)} "
+                "state-dict entries (plus an optional classifier head), so the keys cannot be matched by position. "
+                "Use a weights file saved from the same architecture, or weights_match: name."
+            )
+        mapped = {}
+        for index, ((file_key, tensor), (model_key, expected)) in enumerate(zip(entries, target.items())):
+            if tensor.shape != expected.shape:
+                raise CheckpointError(
+                    f"{path}: tensor #{index} {file_key!r} has shape {tuple(tensor.shape)} but the model's "
+                    f"#{index} {model_key!r} has shape {tuple(expected.shape)}; the file does not match "
+                    "this architecture by position. Check image.timm_name against the weights file."
+                )
+            mapped[model_key] = tensor
+    else:
+        raise ConfigError(f"image.weights_match={match!r}: expected 'name' or 'position'.")
+    try:
+        model.load_state_dict(mapped, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not fit {type(model).__name__}: {exc}") from exc
+
+
+class TextTower(nn.Module):
+    """A transformers encoder followed by CLS or masked-mean pooling: (B, L) token ids -> (B, H)."""
+
+    def __init__(self, transformer: nn.Module, pooling: str) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.pooling = pooling
+        self.output_dim = int(transformer.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled sentence vectors for ``input_ids`` (B, L) with ``attention_mask`` (B, L) -> (B, H)."""
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        if self.pooling == "cls":
+            return hidden[:, 0]  # (B, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)  # (B, H)
+
+
+def build_text_tower(cfg: TextTowerConfig, vocab_size: int, load_weights: bool = True) -> TextTower:
+    """A scratch BERT of ``vocab_size`` tokens, or the local pretrained model ``cfg.pretrained``.
+
+    With ``load_weights=False`` a pretrained folder contributes only its architecture (config.json),
+    e.g. when the weights come from a vlalign checkpoint anyway.
+    """
+    if cfg.pretrained is None:
+        bert_config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.context_length,
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+            pad_token_id=0,
+        )
+        return TextTower(BertModel(bert_config, add_pooling_layer=False), cfg.pooling)
+    folder = resolve_path(cfg.pretrained)
+    if not (folder / "config.json").is_file():
+        raise WeightsNotFoundError(
+            f"text.pretrained={cfg.pretrained!r} resolves to {folder}, which has no config.json; "
+            "point it at a local transformers model folder."
+        )
+    hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    extra = {"add_pooling_layer": False} if hf_config.model_type == "bert" else {}
+    if load_weights:
+        transformer = AutoModel.from_pretrained(str(folder), local_files_only=True, **extra)
+    else:
+        transformer = AutoModel.from_config(hf_config, **extra)
+    model_vocab = int(transformer.config.vocab_size)
+    if vocab_size > model_vocab:
+        raise ConfigError(
+            f"text.vocab has {vocab_size} tokens but the pretrained model {folder} embeds only {model_vocab}; "
+            "use the tokenizer shipped with the model (set text.vocab to the same folder)."
+        )
+    if cfg.context_length > transformer.config.max_position_embeddings:
+        raise ConfigError(
+            f"text.context_length={cfg.context_length} exceeds the {transformer.config.max_position_embeddings} "
+            f"positions of {folder}; lower it."
+        )
+    return TextTower(transformer, cfg.pooling)
+
+
+def build_tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``cfg``'s text tower: from a vocab.txt file, or from a local tokenizer folder."""
+    path = resolve_path(cfg.text.vocab)
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return build_tokenizer(path, lowercase=cfg.text.lowercase)

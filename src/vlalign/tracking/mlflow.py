@@ -1,0 +1,257 @@
+"""MLflow integration: nested runs per training stage, metrics, and the registered embedding model.
+
+This module and ``vlalign.tracking.lineage`` are the only library modules that import mlflow.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+# Pins recorded with the logged model. Passing them skips mlflow's slow requirement inference.
+MODEL_PIP_REQUIREMENTS = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "timm==1.0.31",
+    "transformers==5.23.0",
+    "pillow",
+    "pandas",
+    "pyyaml",
+    "tqdm",
+    "mlflow==3.17.2",
+]
+
+
+def mlflow_metric_name(name: str) -> str:
+    """MLflow refuses ``@`` in metric names: ``image_retrieval_recall@5`` -> ``image_retrieval_recall_at_5``."""
+    return name.replace("@", "_at_")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, float]:
+    """Numeric leaves of a nested dict as ``{"a.b.c": value}`` (non-numeric leaves are skipped)."""
+    flat: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name, sep))
+        elif isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def log_metrics(metrics: Mapping[str, Any], prefix: str = "", step: int | None = None) -> None:
+    """Log the numeric leaves of ``metrics`` to the active run (no-op without one)."""
+    if mlflow.active_run() is None:
+        return
+    flat = {mlflow_metric_name(k): v for k, v in flatten(metrics, prefix).items()}
+    if flat:
+        mlflow.log_metrics(flat, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """Log a local file or folder to the active run (no-op without one)."""
+    if mlflow.active_run() is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path)
+    elif path.exists():
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+class StageRunLogger:
+    """A nested MLflow run for one training stage; a ``TrainCallback`` for ``train_stage``.
+
+    Per-step loss, learning rate and temperature are batched and sent every ``flush_every`` steps.
+    The stage's last checkpoint is logged as an artifact when the stage ends. Without an active
+    parent run (plain library use), it logs nothing unless ``force=True``.
+    """
+
+    def __init__(self, stage_name: str, params: Mapping[str, Any] | None = None, flush_every: int = 25, force: bool = False) -> None:
+        self.stage_name = stage_name
+        self.params = dict(params or {})
+        self.flush_every = flush_every
+        self.force = force
+        self.run_id: str | None = None
+        self._buffer: list[Metric] = []
+        self._last_checkpoint: Path | None = None
+        self._client = MlflowClient()
+
+    def __enter__(self) -> "StageRunLogger":
+        if mlflow.active_run() is None and not self.force:
+            return self
+        run = mlflow.start_run(run_name=self.stage_name, nested=mlflow.active_run() is not None)
+        self.run_id = run.info.run_id
+        mlflow.set_tag("vlalign.stage", self.stage_name)
+        flat = {k: str(v)[:500] for k, v in flatten_params(self.params).items()}
+        if flat:
+            mlflow.log_params(flat)
+        return self
+
+    def on_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.run_id is None:
+            return
+        timestamp = int(pd.Timestamp.now().timestamp() * 1000)
+        self._buffer.extend(Metric(mlflow_metric_name(k), float(v), timestamp, step) for k, v in metrics.items())
+        if len(self._buffer) >= self.flush_every * max(1, len(metrics)):
+            self._flush()
+
+    def on_checkpoint(self, path: Path, step: int) -> None:
+        self._last_checkpoint = Path(path)
+
+    def _flush(self) -> None:
+        if self.run_id is not None and self._buffer:
+            self._client.log_batch(self.run_id, metrics=self._buffer)
+        self._buffer = []
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.run_id is None:
+            return
+        self._flush()
+        if exc_type is None and self._last_checkpoint is not None and self._last_checkpoint.exists():
+            mlflow.log_artifact(str(self._last_checkpoint), "checkpoint")
+        mlflow.end_run(status="FINISHED" if exc_type is None else "FAILED")
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameters as ``{"a.b": value}``; lists are kept as one value."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+class VLAlignEmbedder(mlflow.pyfunc.PythonModel):
+    """The registered model: embeds images and texts into the shared space.
+
+    Input: a DataFrame with a ``text`` column (str) and/or an ``image`` column (encoded image bytes,
+    e.g. PNG/JPEG, or base64 text of them). Each row holds exactly one of the two.
+    Output: an ``(n, D)`` float32 array of L2-normalised embeddings, row for row.
+    """
+
+    def load_context(self, context: Any) -> None:
+        from vlalign.models import build_tokenizer_for
+        from vlalign.train import load_checkpoint, model_from_checkpoint
+
+        ckpt = load_checkpoint(Path(context.artifacts["checkpoint"]))
+        self.model = model_from_checkpoint(ckpt).eval()
+        self.cfg = self.model.config
+        self.tokenizer = build_tokenizer_for(self.cfg)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
+        return embed_frame(self.model, self.cfg, self.tokenizer, model_input)
+
+
+def _decode_image(value: Any):
+    from PIL import Image
+
+    raw = base64.b64decode(value) if isinstance(value, str) else bytes(value)
+    return Image.open(io.BytesIO(raw)).convert("RGB")
+
+
+def embed_frame(model: Any, cfg: Any, tokenizer: Any, frame: pd.DataFrame) -> np.ndarray:
+    """Embed each row of ``frame`` (``text`` or ``image`` column) -> ``(n, D)`` float32."""
+    import torch
+
+    from vlalign.data.tokenizers import tokenize
+    from vlalign.models import build_transform
+
+    texts = frame["text"] if "text" in frame else pd.Series([None] * len(frame))
+    images = frame["image"] if "image" in frame else pd.Series([None] * len(frame))
+    transform = build_transform(cfg, train=False)
+    out = np.zeros((len(frame), cfg.embed_dim), dtype=np.float32)
+    text_rows = [i for i, t in enumerate(texts) if isinstance(t, str) and t]
+    image_rows = [i for i in range(len(frame)) if i not in set(text_rows)]
+    with torch.no_grad():
+        if text_rows:
+            batch = tokenize(tokenizer, [texts.iloc[i] for i in text_rows], cfg.text.max_length)
+            out[text_rows] = model.encode_text(batch["input_ids"], batch["attention_mask"]).numpy()
+        if image_rows:
+            missing = [i for i in image_rows if images.iloc[i] is None]
+            if missing:
+                raise ValueError(f"rows {missing[:5]} have neither a 'text' nor an 'image' value.")
+            pixels = torch.stack([transform(_decode_image(images.iloc[i])) for i in image_rows])  # (B, 3, H, W)
+            out[image_rows] = model.encode_image(pixels).numpy()
+    return out
+
+
+def register_model(
+    checkpoint_path: Path,
+    registered_model_name: str,
+    example_image_png: bytes,
+    tags: Mapping[str, str] | None = None,
+    extra_artifacts: Mapping[str, Path] | None = None,
+) -> dict[str, Any]:
+    """Log the checkpoint as a pyfunc embedding model with a signature, and register a new version."""
+    import vlalign
+    from vlalign.models import build_tokenizer_for
+    from vlalign.train import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(checkpoint_path)).eval()
+    example = pd.DataFrame({"text": ["a small red circle on the left", None], "image": [None, example_image_png]})
+    output = embed_frame(model, model.config, build_tokenizer_for(model.config), example)
+    signature = infer_signature(example, output)
+    artifacts = {"checkpoint": str(checkpoint_path)}
+    artifacts.update({k: str(v) for k, v in (extra_artifacts or {}).items()})
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=VLAlignEmbedder(),
+        artifacts=artifacts,
+        signature=signature,
+        code_paths=[str(Path(vlalign.__file__).parent)],
+        pip_requirements=MODEL_PIP_REQUIREMENTS,
+        registered_model_name=registered_model_name,
+    )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(registered_model_name, version, key, str(value))
+    log.info("registered %s version %s (%s)", registered_model_name, version, info.model_uri)
+    return {
+        "name": registered_model_name,
+        "version": version,
+        "model_uri": f"models:/{registered_model_name}/{version}",
+        "run_id": info.run_id,
+        "embedding_dim": int(output.shape[1]),
+    }
+
+
+def png_bytes(image_path: str | Path) -> bytes:
+    """The image at ``image_path`` re-encoded as PNG bytes (an input example for the signature)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(image_path).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def temporary_checkpoint_file(ckpt: dict[str, Any]) -> Path:
+    """Write ``ckpt`` to a temporary file (for logging a checkpoint that lives only in memory)."""
+    from vlalign.train import save_checkpoint
+
+    path = Path(tempfile.mkdtemp(prefix="vlalign-ckpt-")) / "model.pt"
+    save_checkpoint(ckpt, path)
+    return path
+
+
+def active_run_id() -> str | None:
+    """The id of the active MLflow run, or None."""
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None

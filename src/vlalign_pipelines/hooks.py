@@ -1,0 +1,35 @@
+"""Process-wide runtime settings applied before a Kedro pipeline runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+log = logging.getLogger(__name__)
+
+
+class RuntimeHooks:
+    """Keeps runs offline and sets the number of CPU threads torch may use."""
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        # Runs before kedro-mlflow's hook, which reads MLFLOW_TRACKING_URI when mlflow.yml leaves it null.
+        # Nothing is downloaded at run time: hub look-ups fail fast instead of hanging.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+        default_store = f"sqlite:///{Path(context.project_path).resolve() / 'mlflow.db'}"
+        os.environ.setdefault("MLFLOW_TRACKING_URI", default_store)
+        log.info("MLflow tracking URI: %s", os.environ["MLFLOW_TRACKING_URI"])
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        import torch
+
+        threads = int(os.environ.get("VLALIGN_NUM_THREADS", os.cpu_count() or 1))
+        torch.set_num_threads(max(1, threads))
+        log.info("torch uses %d CPU threads (set VLALIGN_NUM_THREADS to change)", torch.get_num_threads())

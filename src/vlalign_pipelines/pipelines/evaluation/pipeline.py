@@ -1,0 +1,18 @@
+"""Evaluation pipeline: the merged model on the test split and the zero-shot set."""
+
+from kedro.pipeline import Pipeline, node, pipeline
+
+from .nodes import evaluate_model
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return pipeline(
+        [
+            node(
+                evaluate_model,
+                inputs=["merged_checkpoint", "clean_manifest", "zero_shot_set", "params:evaluation"],
+                outputs="metrics",
+                name="evaluate_model",
+            )
+        ]
+    )

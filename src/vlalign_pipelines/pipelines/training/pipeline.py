@@ -1,0 +1,51 @@
+"""Training pipeline: one stage's node, instantiated once per stage under the stage's namespace.
+
+Stage N reads ``stage{N-1}.final_checkpoint``; each stage keeps its resumable checkpoints in
+``<stage>.checkpoint_store`` (see the dataset factories in conf/base/catalog.yml).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+from kedro.config import OmegaConfigLoader
+from kedro.pipeline import Pipeline, node, pipeline
+
+from .nodes import train_one_stage
+
+
+def stage_names(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
+    """Stage names in order, as ``training.stages`` lists them in the project configuration."""
+    env = env or os.environ.get("KEDRO_ENV") or "local"
+    loader = OmegaConfigLoader(conf_source=str(conf_source), base_env="base", default_run_env=env)
+    return [stage["name"] for stage in loader["parameters"]["training"]["stages"]]
+
+
+def stage_pipeline(stage_name: str, previous: str | None) -> Pipeline:
+    """The training node for ``stage_name``, namespaced, starting from ``previous``'s final checkpoint."""
+    inputs = ["clean_manifest", "checkpoint_store", "params:model", "params:training"]
+    mapping = {"clean_manifest": "clean_manifest"}
+    if previous is not None:
+        inputs.append("init_checkpoint")
+        mapping["init_checkpoint"] = f"{previous}.final_checkpoint"
+    base = pipeline(
+        [
+            node(
+                partial(train_one_stage, stage_name=stage_name),
+                inputs=inputs,
+                outputs="final_checkpoint",
+                name="train",
+            )
+        ]
+    )
+    return pipeline(base, namespace=stage_name, inputs=mapping, parameters={"params:model", "params:training"})
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    names = kwargs.get("stages") or stage_names()
+    stages = Pipeline([])
+    for index, name in enumerate(names):
+        stages += stage_pipeline(name, names[index - 1] if index else None)
+    return stages

@@ -1,0 +1,19 @@
+"""Kedro project settings for vlalign.
+
+kedro-mlflow registers its hook through its entry point, so it is not repeated here.
+"""
+
+from kedro.config import OmegaConfigLoader
+
+from vlalign_pipelines.hooks import RuntimeHooks
+
+HOOKS = (RuntimeHooks(),)
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    "config_patterns": {
+        "mlflow": ["mlflow*", "mlflow*/**"],
+    },
+}
