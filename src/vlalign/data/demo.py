@@ -146,7 +146,7 @@ class DemoConfig:
     captions_zh: int = 2  # Chinese captions per image (dataset_demo_zh.json), at most 6
     zero_shot_per_class: int = 20  # zero-shot images per colour x shape class (imagenet_demo/val)
     near_miss_fraction: float = 0.3  # probability that an image copies the previous one with one attribute changed
-    noise_std: float = 6.0  # std of the per-pixel Gaussian noise added to each image (0-255 scale)
+    noise_std: float = 4.0  # std of the per-pixel Gaussian noise added to each image (0-255 scale)
     seed: int = 0  # seed of every random choice; same seed -> byte-identical files
 
     def validate(self) -> None:
@@ -346,7 +346,7 @@ def _object_centres(attributes: dict, size_px: int, radius: float, rng: np.rando
         "bottom": (0.5, 0.78), "centre": (0.5, 0.5),
     }[attributes["position"]]
     count = int(attributes["count"])
-    spacing = 2.3 * radius
+    spacing = 2.4 * radius
     offsets = [(k - (count - 1) / 2) * spacing for k in range(count)]
     vertical = attributes["position"] in ("left", "right")  # stack along the free axis
     jitter = rng.uniform(-0.03, 0.03, size=2) * size_px
@@ -362,7 +362,7 @@ def draw_image(attributes: dict, size_px: int, noise_std: float, rng: np.random.
     """Draw ``attributes`` (see :data:`ATTRIBUTES`) as an RGB image of ``size_px`` x ``size_px``."""
     image = Image.new("RGB", (size_px, size_px), BACKGROUND_RGB)
     draw = ImageDraw.Draw(image)
-    radius = size_px * (0.075 if attributes["size"] == "small" else 0.15)
+    radius = size_px * (0.07 if attributes["size"] == "small" else 0.13)
     fill = COLOURS[attributes["colour"]]
     for cx, cy in _object_centres(attributes, size_px, radius, rng):
         if attributes["shape"] == "circle":
@@ -443,7 +443,7 @@ def _write_flickr(out: Path, config: DemoConfig, np_rng: np.random.Generator, py
         previous = {"split": split, "attributes": attributes, "imgid": imgid}
     for name, entries in (("dataset_demo.json", entries_en), ("dataset_demo_zh.json", entries_zh)):
         payload = {"images": entries, "dataset": "flickr_demo"}
-        (out / "flickr_demo" / name).write_text(json.dumps(payload, ensure_ascii=False, indent=1), encoding="utf-8")
+        (out / "flickr_demo" / name).write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
 
 
 def _write_imagenet(out: Path, config: DemoConfig, np_rng: np.random.Generator) -> None:

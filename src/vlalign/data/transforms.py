@@ -7,11 +7,14 @@ it as uint8 (:meth:`ImageTransform.prepare`), then run only the cheap random par
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from PIL import Image
 
-from vlalign.models.config import ModelConfig
+if TYPE_CHECKING:  # vlalign.models imports this module; a runtime import would be circular
+    from vlalign.models.config import ModelConfig
 
 
 class ImageTransform:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -160,7 +161,8 @@ def retrieval_chance(
     - text -> image: the one correct image is at a uniform position among N, so recall@k = min(k, N) / N.
     - image -> text: an image with m of the M captions misses the top k with probability
       C(M - m, k) / C(M, k) (hypergeometric, zero once k > M - m); the recall is the mean over
-      images of 1 - that probability. Computed with exact integer binomials.
+      images of 1 - that probability. Computed exactly (integer binomials, rational arithmetic)
+      and rounded once to float.
 
     Returns the same keys as :func:`retrieval_metrics` (``mean_recall`` and ``rsum`` included),
     so a report can print the chance level beside each metric.
@@ -178,10 +180,10 @@ def retrieval_chance(
         metrics[f"image_retrieval_recall@{k}"] = min(k, n_images) / n_images
         total_comb = math.comb(n_captions, k)
         expected_hits = sum(
-            int(times) * (1.0 - math.comb(n_captions - int(m), k) / total_comb)
+            times * (1 - Fraction(math.comb(n_captions - m, k), total_comb))
             for m, times in zip(distinct.tolist(), multiplicity.tolist())
         )
-        metrics[f"text_retrieval_recall@{k}"] = expected_hits / n_images
+        metrics[f"text_retrieval_recall@{k}"] = float(expected_hits / n_images)
     return _add_summaries(metrics)
 
 

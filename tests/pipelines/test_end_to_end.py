@@ -1,0 +1,117 @@
+"""One real ``KedroSession`` run of the whole default pipeline on a tiny generated dataset.
+
+The project (pyproject.toml + conf/) is copied into a temporary folder so the run writes its data
+layers, checkpoints and MLflow store there, never into the working tree.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+from mlflow.tracking import MlflowClient
+
+from vlalign.train import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
+    shutil.copy(REPO / ".telemetry", project / ".telemetry")
+    shutil.copytree(REPO / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
+    (project / "conf" / "local").mkdir()
+    return project
+
+
+def run_session(project: Path, pipeline: str | None = None) -> None:
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env="test") as session:
+        session.run(pipeline_name=pipeline)
+
+
+@pytest.fixture()
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    project = make_project(tmp_path)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("KEDRO_ENV", "test")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield project
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_default_pipeline_end_to_end(project: Path) -> None:
+    run_session(project)
+
+    data = project / "data"
+    # Validation: every raw row is either clean or quarantined, and Data Docs were written.
+    report = json.loads((data / "08_reporting" / "validation_report.json").read_text())
+    clean = pd.read_parquet(data / "03_primary" / "clean_manifest.parquet")
+    quarantine = pd.read_csv(data / "04_quarantine" / "quarantine.csv")
+    assert len(clean) + len(quarantine) == report["n_rows"]
+    assert len(quarantine) == 0
+    assert list((data / "08_reporting" / "data_docs").rglob("index.html"))
+
+    # Training: one final checkpoint per stage, stage 2 started from stage 1.
+    for stage in ("stage1", "stage2"):
+        assert (data / "06_models" / stage / "final.pt").exists()
+
+    # Merge: the sweep tried every beta and kept the best one.
+    sweep = json.loads((data / "08_reporting" / "merge_sweep.json").read_text())
+    assert [row["beta"] for row in sweep["scores"]] == [0.0, 0.5, 1.0]
+    assert sweep["best_score"] == max(row["score"] for row in sweep["scores"])
+
+    # Evaluation: every metric has its chance level beside it.
+    metrics = json.loads((data / "08_reporting" / "metrics.json").read_text())
+    retrieval = metrics["retrieval"]
+    for k in (1, 5, 10):
+        for direction in ("image_retrieval_recall", "text_retrieval_recall"):
+            name = f"{direction}@{k}"
+            assert 0.0 <= retrieval["metrics"][name] <= 1.0
+            assert 0.0 < retrieval["chance"][name] <= 1.0
+    assert retrieval["n_images"] == 16 and retrieval["n_captions"] == 16 * 5
+    assert set(metrics["zero_shot"]["metrics"]) >= {"acc1", "acc5", "mean_per_class_recall"}
+
+    # MLflow: one parent run with a nested run per stage, and a registered model version that embeds.
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("vlalign")
+    runs = client.search_runs([experiment.experiment_id])
+    stage_runs = [r for r in runs if r.data.tags.get("vlalign.stage") in ("stage1", "stage2")]
+    assert len(stage_runs) == 2
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in stage_runs}
+    assert len(parents) == 1 and None not in parents
+    assert client.get_metric_history(stage_runs[0].info.run_id, "loss")
+    registered = json.loads((data / "08_reporting" / "registered_model.json").read_text())
+    version = client.get_model_version(registered["name"], registered["version"])
+    assert version.tags["training_manifest_sha256"] == registered["lineage"]["training_data"]["manifest_sha256"]
+
+    model = mlflow.pyfunc.load_model(registered["model_uri"])
+    image_path = clean[clean["split"] == "test"]["image_path"].iloc[0]
+    frame = pd.DataFrame({"text": ["a red circle", None], "image": [None, Path(image_path).read_bytes()]})
+    embeddings = model.predict(frame)
+    assert embeddings.shape == (2, registered["embedding_dim"])
+    assert abs(float((embeddings[0] ** 2).sum()) - 1.0) < 1e-4
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_reuses_finished_stages(project: Path) -> None:
+    """Running training twice does not retrain from scratch: stage 1's store already holds its final state."""
+    run_session(project, "validation")
+    run_session(project, "training")
+    final = project / "data" / "06_models" / "stage1" / "final.pt"
+    first = load_checkpoint(final)
+    run_session(project, "training")
+    second = load_checkpoint(final)
+    assert second["step"] == first["step"]
+    assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
