@@ -207,6 +207,8 @@ def _en_slots(attributes: dict, choices: dict[str, int]) -> dict[str, str]:
 
 
 def _random_choices(rng: random.Random) -> dict[str, int]:
+    """Wording choices for :func:`_en_slots`; indices are taken modulo the number of variants
+    (6 is a multiple of 2 and 3, so every variant is equally likely)."""
     return {"size": rng.randrange(6), "pos": rng.randrange(6), "article": rng.randrange(2)}
 
 
@@ -339,7 +341,9 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     raise ValueError(f"no polygon for shape {shape!r}")
 
 
-def _object_centres(attributes: dict, size_px: int, radius: float, rng: np.random.Generator) -> list[tuple[float, float]]:
+def _object_centres(
+    attributes: dict, size_px: int, radius: float, rng: np.random.Generator
+) -> list[tuple[float, float]]:
     """Centres of the ``count`` objects, lined up inside the region named by ``position``."""
     anchor = {
         "left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22),

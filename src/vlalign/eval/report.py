@@ -259,7 +259,7 @@ def _recall_curve_plot(curve: Mapping, chance: Mapping, name: str, path: Path) -
     ax.set_xlim(1, max(curve["k"]))
     ax.grid(alpha=0.3)
     ax.set_title(f"{name}: recall@K")
-    ax.legend(fontsize="small")
+    ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
 

@@ -21,7 +21,8 @@ Scores are dot products ``text_emb @ image_emb.T`` (cosine similarity when both 
 L2-normalised, which callers are expected to do). Nothing ever holds the full (M, N) score matrix:
 queries are processed ``chunk_size`` at a time, so memory is O(chunk_size x max(N, M)) on top of
 the embeddings. Each query's scores come from one matrix product, and its correct-item score is
-read back from that same product, so exact ties are detected exactly.
+read back from that same product, so exact ties are detected exactly. (Different chunk sizes
+may change a score in its last bit, as BLAS picks other kernels; that can only flip near-ties.)
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from fractions import Fraction
 from typing import NamedTuple
 
 import torch
+
+#: Ranks are counted as float32 sums of 0/1 values, exact below 2**24 candidates.
+_MAX_CANDIDATES = 2**24
 
 
 class RetrievalRanks(NamedTuple):
@@ -59,7 +63,7 @@ def retrieval_ranks(
         text_to_image: (M,) integer tensor; ``text_to_image[j]`` is the index in ``image_emb`` of
             the image that caption j describes. Every image must have at least one caption.
         chunk_size: number of queries scored at once; peak extra memory is about
-            ``5 * chunk_size * max(N, M)`` bytes.
+            ``4 * chunk_size * max(N, M)`` bytes (one chunk of float32 scores).
 
     Returns:
         :class:`RetrievalRanks` with the (M,) text->image and (N,) image->text ranks, on the
@@ -178,9 +182,10 @@ def retrieval_chance(
     metrics: dict[str, float] = {}
     for k in ks:
         metrics[f"image_retrieval_recall@{k}"] = min(k, n_images) / n_images
-        total_comb = math.comb(n_captions, k)
+        shown = min(k, n_captions)  # a top k longer than the caption list shows all of it
+        total_comb = math.comb(n_captions, shown)
         expected_hits = sum(
-            times * (1 - Fraction(math.comb(n_captions - m, k), total_comb))
+            times * (1 - Fraction(math.comb(n_captions - m, shown), total_comb))
             for m, times in zip(distinct.tolist(), multiplicity.tolist())
         )
         metrics[f"text_retrieval_recall@{k}"] = float(expected_hits / n_images)
@@ -196,13 +201,13 @@ def _text_to_image_ranks(
     """(M,) number of incorrect images scoring >= the correct one, for every caption."""
     n_captions = text_emb.shape[0]
     ranks = torch.empty(n_captions, dtype=torch.long, device=text_emb.device)
-    image_t = image_emb.T.contiguous()  # (D, N)
     for start in range(0, n_captions, chunk_size):
         stop = min(start + chunk_size, n_captions)
-        scores = text_emb[start:stop] @ image_t  # (B, N)
+        scores = text_emb[start:stop] @ image_emb.T  # (B, N)
         correct = scores.gather(1, text_to_image[start:stop, None])  # (B, 1)
         # The correct image always counts itself (finite scores), so subtract 1.
-        ranks[start:stop] = (scores >= correct).sum(dim=1) - 1  # (B,)
+        ranks[start:stop] = _count_ge_(scores, correct) - 1  # (B,)
+        del scores  # free this chunk before the next one is allocated
     return ranks
 
 
@@ -214,22 +219,31 @@ def _image_to_text_ranks(
     # Captions ordered by image, so the captions of images [start, stop) are one slice.
     order = torch.argsort(text_to_image, stable=True)  # (M,)
     offsets = torch.zeros(n_images + 1, dtype=torch.long, device=image_emb.device)  # (N + 1,)
-    offsets[1:] = torch.cumsum(_captions_per_image(text_to_image, n_images), dim=0)
+    offsets[1:] = torch.cumsum(torch.bincount(text_to_image, minlength=n_images), dim=0)
     ranks = torch.empty(n_images, dtype=torch.long, device=image_emb.device)
-    text_t = text_emb.T.contiguous()  # (D, M)
     for start in range(0, n_images, chunk_size):
         stop = min(start + chunk_size, n_images)
-        scores = image_emb[start:stop] @ text_t  # (B, M)
+        scores = image_emb[start:stop] @ text_emb.T  # (B, M)
         cols = order[offsets[start] : offsets[stop]]  # (P,) correct captions of this chunk
         rows = text_to_image[cols] - start  # (P,) their row in `scores`
-        correct = scores[rows, cols]  # (P,)
+        correct = scores[rows, cols]  # (P,) copied out before `scores` is overwritten
         best = torch.full((stop - start,), -math.inf, dtype=scores.dtype, device=scores.device)  # (B,)
         best.scatter_reduce_(0, rows, correct, reduce="amax")
-        n_ge = (scores >= best[:, None]).sum(dim=1)  # (B,) all captions >= the best correct one
         n_correct_ge = torch.zeros(stop - start, dtype=torch.long, device=scores.device)  # (B,)
         n_correct_ge.scatter_add_(0, rows, (correct >= best[rows]).long())
-        ranks[start:stop] = n_ge - n_correct_ge
+        ranks[start:stop] = _count_ge_(scores, best[:, None]) - n_correct_ge  # (B,)
+        del scores  # free this chunk before the next one is allocated
     return ranks
+
+
+def _count_ge_(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """(B,) per row, how many of ``scores`` (B, K) are >= ``threshold`` (B, 1); overwrites ``scores``.
+
+    The comparison is written into ``scores`` as 0.0 / 1.0 and summed there: a bool mask would be
+    cast to int64 by the reduction, a copy 8x the size of the mask. The float sum of 0/1 values is
+    exact since every partial sum is an integer below 2**24 (checked in ``_validate``).
+    """
+    return scores.ge_(threshold).sum(dim=1).long()
 
 
 def _hit_fraction(ranks: torch.Tensor, k: int) -> float:
@@ -324,9 +338,16 @@ def _validate(
     image_emb = image_emb.detach().to(dtype=dtype)
     text_emb = text_emb.detach().to(dtype=dtype)
     text_to_image = text_to_image.to(image_emb.device)
+    if max(image_emb.shape[0], text_emb.shape[0]) >= _MAX_CANDIDATES:
+        raise ValueError(
+            f"{image_emb.shape[0]} images x {text_emb.shape[0]} captions: at most {_MAX_CANDIDATES - 1} "
+            "candidates per direction are supported (ranks are counted exactly in float32)."
+        )
     for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
-        if not torch.isfinite(emb).all():
-            row = int(torch.nonzero(~torch.isfinite(emb).all(dim=1))[0])
-            raise ValueError(f"{name} row {row} holds NaN or inf; check the encoder outputs.")
+        for start in range(0, emb.shape[0], chunk_size):  # in chunks, to keep memory O(chunk)
+            finite = torch.isfinite(emb[start : start + chunk_size]).all(dim=1)  # (B,)
+            if not finite.all():
+                row = start + int(torch.nonzero(~finite)[0])
+                raise ValueError(f"{name} row {row} holds NaN or inf; check the encoder outputs.")
     _captions_per_image(text_to_image, image_emb.shape[0])
     return image_emb, text_emb, text_to_image
