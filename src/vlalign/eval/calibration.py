@@ -14,8 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from vlalign.eval.zero_shot import _validate_labels
 
@@ -71,7 +69,8 @@ def reliability_diagram(data: dict, path: str | Path, title: str = "Reliability 
 
     Top panel: accuracy of each non-empty confidence bin (bars) against the diagonal of perfect
     calibration, with the gap to the bin's mean confidence shaded. Bottom panel: samples per bin.
-    Uses matplotlib's Agg canvas directly (no pyplot, no display, safe in worker threads).
+    Uses matplotlib's Agg canvas directly (no pyplot, no display, safe in worker threads);
+    matplotlib is needed only here.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`; the parent folder is created if needed.
@@ -86,8 +85,7 @@ def reliability_diagram(data: dict, path: str | Path, title: str = "Reliability 
     widths = [hi - lo for lo, hi in zip(edges[:-1], edges[1:])]
     shown = [i for i, c in enumerate(data["bin_count"]) if c > 0]
 
-    fig = Figure(figsize=(5.0, 6.0))
-    FigureCanvasAgg(fig)
+    fig = agg_figure(figsize=(5.0, 6.0))
     ax, ax_count = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(
         [lefts[i] for i in shown],
@@ -125,6 +123,19 @@ def reliability_diagram(data: dict, path: str | Path, title: str = "Reliability 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     return path
+
+
+def agg_figure(figsize: tuple[float, float]):
+    """A matplotlib Figure on an Agg canvas, without pyplot (no global state, no display).
+
+    matplotlib is imported here, not at module import, so the metrics need only torch.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _validate_probs(probs: torch.Tensor) -> torch.Tensor:

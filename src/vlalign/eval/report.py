@@ -10,13 +10,10 @@ from collections.abc import Mapping
 from numbers import Real
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from vlalign.eval.calibration import agg_figure, reliability_diagram
 
-from vlalign.eval.calibration import reliability_diagram
-
-#: Section keys that are not metrics (everything else in a section must be a number).
-RESERVED_KEYS = ("description", "chance", "curve", "per_class_accuracy", "reliability")
+#: Section keys with a special meaning (see :func:`write_benchmark_report`).
+RESERVED_KEYS = ("metrics", "description", "chance", "curve", "per_class_accuracy", "reliability")
 
 #: Tasks CLIP_benchmark knows (its ``--task`` values).
 CLIP_BENCHMARK_TASKS = (
@@ -37,9 +34,16 @@ def write_benchmark_report(results: Mapping[str, Mapping], out_dir: Path, title:
     """Write ``report.md`` and ``report.html`` (plots embedded) with the metrics beside chance.
 
     ``results`` maps a section name (shown as a heading, e.g. ``"retrieval"``, ``"zero_shot"``,
-    ``"flickr_zh retrieval"``) to a section dict. In a section, every key that is not reserved is a
-    metric name with a number value, listed in the section's table in the given order. The
-    reserved keys, all optional, are:
+    ``"flickr_zh retrieval"``) to a section dict. The section's metrics (name -> number, listed in
+    its table in the given order) are either
+
+    - flat: every non-reserved key with a number value is a metric, or
+    - nested: ``section["metrics"]`` holds them, as :mod:`vlalign.eval.run` returns; then every
+      other non-reserved key is a detail.
+
+    Details are non-reserved keys with a scalar value that is not a metric (``"split": "test"``,
+    ``"n_images": 1000``); they are listed on one line under the heading. The other reserved
+    keys, all optional, are:
 
     - ``"description"``: str, a paragraph under the heading (say what the numbers mean: data
       split, language, checkpoint).
@@ -89,6 +93,10 @@ def write_benchmark_report(results: Mapping[str, Mapping], out_dir: Path, title:
         if section.get("description"):
             md += [str(section["description"]), ""]
             body.append(f"<p>{html.escape(str(section['description']))}</p>")
+        details = "; ".join(f"{key}: {value}" for key, value in _details(section).items())
+        if details:
+            md += [f"*{details}*", ""]
+            body.append(f"<p><em>{html.escape(details)}</em></p>")
         md += ["| Metric | Value | Chance |", "|---|---:|---:|"]
         md += [f"| {metric} | {value} | {chance} |" for metric, value, chance in rows]
         md.append("")
@@ -190,11 +198,14 @@ def _validate_results(results: Mapping[str, Mapping]) -> None:
         if not isinstance(section, Mapping):
             raise ValueError(f"results[{name!r}] must be a dict of metrics, got {type(section).__name__}.")
         for key, value in section.items():
-            if key not in RESERVED_KEYS and not _is_number(value):
+            if key not in RESERVED_KEYS and not isinstance(value, (str, Real)):
                 raise ValueError(
-                    f"results[{name!r}][{key!r}] is {type(value).__name__}; a section holds numeric "
-                    f"metrics plus the reserved keys {list(RESERVED_KEYS)}."
+                    f"results[{name!r}][{key!r}] is {type(value).__name__}; outside the reserved keys "
+                    f"{list(RESERVED_KEYS)} a section holds only numbers (metrics) and strings (details)."
                 )
+        metrics = _metrics(section)
+        if not isinstance(metrics, Mapping) or not all(_is_number(v) for v in metrics.values()):
+            raise ValueError(f"results[{name!r}]['metrics'] must map metric names to numbers.")
         reliability = section.get("reliability")
         if reliability is not None and not (isinstance(reliability, Mapping) and "ece" in reliability):
             raise ValueError(
@@ -210,10 +221,26 @@ def _validate_results(results: Mapping[str, Mapping]) -> None:
                 )
 
 
+def _metrics(section: Mapping) -> Mapping:
+    """The section's metrics: ``section["metrics"]`` if present, else its numeric non-reserved keys."""
+    if "metrics" in section:
+        return section["metrics"]
+    return {key: value for key, value in section.items() if key not in RESERVED_KEYS and _is_number(value)}
+
+
+def _details(section: Mapping) -> dict:
+    """The section's non-reserved entries that are not metrics (split, language, counts, ...)."""
+    nested = "metrics" in section
+    return {
+        key: value for key, value in section.items()
+        if key not in RESERVED_KEYS and (nested or not _is_number(value))
+    }
+
+
 def _table_rows(section: Mapping) -> list[tuple[str, str, str]]:
     """(metric, value, chance) strings for the section's table."""
     chance = section.get("chance", {})
-    metrics = {key: value for key, value in section.items() if key not in RESERVED_KEYS}
+    metrics = dict(_metrics(section))
     if "reliability" in section and "ece" not in metrics:
         metrics["ece"] = section["reliability"]["ece"]
     return [
@@ -242,8 +269,7 @@ def _plots(section: Mapping, name: str, plot_dir: Path, prefix: str) -> list[tup
 
 def _recall_curve_plot(curve: Mapping, chance: Mapping, name: str, path: Path) -> None:
     """Recall@K for K = 1..max in both directions, chance dashed where known."""
-    fig = Figure(figsize=(6.0, 4.0))
-    FigureCanvasAgg(fig)
+    fig = agg_figure(figsize=(6.0, 4.0))
     ax = fig.subplots()
     for (direction, label), color in zip(_DIRECTIONS, ("tab:blue", "tab:orange")):
         ax.plot(curve["k"], curve[direction], color=color, label=label)
@@ -270,8 +296,7 @@ def _per_class_plot(per_class: Mapping[str, float], name: str, path: Path) -> No
         ((cls, float(acc)) for cls, acc in per_class.items() if not math.isnan(float(acc))),
         key=lambda item: -item[1],
     )
-    fig = Figure(figsize=(max(6.0, min(0.25 * len(items), 16.0)), 4.5))
-    FigureCanvasAgg(fig)
+    fig = agg_figure(figsize=(max(6.0, min(0.25 * len(items), 16.0)), 4.5))
     ax = fig.subplots()
     ax.bar(range(len(items)), [acc for _, acc in items], color="tab:green", edgecolor="black")
     if len(items) <= 60:

@@ -181,7 +181,7 @@ def train_stage(
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                value, scale = float(loss), float(outputs["logit_scale"])
+                value, scale = loss.item(), outputs["logit_scale"].item()
                 if not math.isfinite(value):
                     raise FloatingPointError(
                         f"stage {stage.name!r}: the loss became {value} at step {step}; lower lr (now {stage.lr}) "

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -66,3 +70,23 @@ def test_reliability_diagram_writes_png(tmp_path):
 def test_reliability_diagram_rejects_foreign_dict(tmp_path):
     with pytest.raises(ValueError, match="expected_calibration_error"):
         reliability_diagram({"ece": 0.1}, tmp_path / "x.png")
+
+
+def test_metrics_import_and_run_without_matplotlib():
+    # matplotlib is an optional ("pipelines") dependency: only the plotting functions may need it.
+    code = textwrap.dedent(
+        """
+        import sys
+        class BlockMatplotlib:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "matplotlib":
+                    raise ImportError("matplotlib blocked for this test")
+        sys.meta_path.insert(0, BlockMatplotlib())
+        import torch
+        import vlalign.eval as E
+        data = E.expected_calibration_error(torch.tensor([[0.75, 0.25]]), torch.tensor([0]))
+        assert abs(data["ece"] - 0.25) < 1e-9, data
+        assert "matplotlib" not in sys.modules
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -83,17 +83,38 @@ def test_html_is_self_contained(results, tmp_path):
 
 def test_sections_without_plots_and_unusual_names(tmp_path):
     paths = write_benchmark_report(
-        {"flickr_zh / retrieval": {"image_retrieval_recall@1": 0.25}}, tmp_path, title="t"
+        {"flickr_zh / retrieval": {"split": "test", "image_retrieval_recall@1": 0.25}}, tmp_path, title="t"
     )
     assert set(paths) == {"markdown", "html"}
-    assert "| image_retrieval_recall@1 | 0.2500 | - |" in paths["markdown"].read_text()
+    md = paths["markdown"].read_text()
+    assert "## flickr_zh / retrieval" in md and "*split: test*" in md
+    assert "| image_retrieval_recall@1 | 0.2500 | - |" in md
+
+
+def test_nested_metrics_shape_with_details(tmp_path):
+    # The shape vlalign.eval.run returns: metrics nested, details beside them.
+    section = {
+        "split": "test",
+        "language": "zh",
+        "n_images": 40,
+        "metrics": {"image_retrieval_recall@1": 0.125, "rsum": 321.5},
+        "chance": {"image_retrieval_recall@1": 0.025},
+    }
+    paths = write_benchmark_report({"flickr_zh": section}, tmp_path, title="t")
+    md = paths["markdown"].read_text()
+    assert "*split: test; language: zh; n_images: 40*" in md
+    assert "| image_retrieval_recall@1 | 0.1250 | 0.0250 |" in md
+    assert "| rsum | 321.50 | - |" in md
+    assert "| n_images |" not in md
+    assert "<em>split: test; language: zh; n_images: 40</em>" in paths["html"].read_text()
 
 
 @pytest.mark.parametrize(
     ("results", "message"),
     [
         ({}, "non-empty mapping"),
-        ({"retrieval": {"acc1": "high"}}, r"results\['retrieval'\]\['acc1'\] is str"),
+        ({"retrieval": {"acc1": [0.5]}}, r"results\['retrieval'\]\['acc1'\] is list"),
+        ({"retrieval": {"metrics": {"acc1": "high"}}}, r"\['metrics'\] must map metric names to numbers"),
         ({"r": {"curve": {"k": [1, 2], "image_retrieval_recall": [0.1]}}}, "equally long"),
         ({"z": {"reliability": {"bins": []}}}, "expected_calibration_error"),
     ],

@@ -204,22 +204,32 @@ def test_chance_closed_forms():
     assert chance["rsum"] == pytest.approx(100 * (0.5 + 0.5 + 1.0 + 5 / 6))
 
 
-def test_chance_matches_monte_carlo_of_random_embeddings():
-    # i.i.d. Gaussian embeddings make every query's ranking uniformly random.
+def test_chance_matches_monte_carlo_of_random_rankings():
+    # Uniformly random rankings: argsort of i.i.d. uniform scores, one per trial and query.
     gen = torch.Generator().manual_seed(0)
-    n_images, dim, trials, ks = 12, 8, 1500, (1, 2, 5)
-    mapping = torch.repeat_interleave(torch.arange(n_images), torch.tensor([1, 2, 3, 4] * 3))
-    samples = {key: [] for key in retrieval_chance(mapping, n_images, ks)}
-    for _ in range(trials):
-        image_emb = torch.randn(n_images, dim, generator=gen)
-        text_emb = torch.randn(len(mapping), dim, generator=gen)
-        for key, value in retrieval_metrics(image_emb, text_emb, mapping, ks=ks).items():
-            samples[key].append(value)
+    n_images, trials, ks = 12, 4000, (1, 2, 5)
+    mapping = torch.repeat_interleave(torch.arange(n_images), torch.tensor([1, 2, 3, 4] * 3))  # (M,)
+    n_captions = len(mapping)
+    image_order = torch.rand(trials, n_captions, n_images, generator=gen).argsort(dim=-1)  # (T, M, N)
+    text_order = torch.rand(trials, n_images, n_captions, generator=gen).argsort(dim=-1)  # (T, N, M)
     chance = retrieval_chance(mapping, n_images, ks)
-    for key, values in samples.items():
-        values = torch.tensor(values, dtype=torch.float64)
-        stderr = float(values.std()) / math.sqrt(trials)
-        assert abs(float(values.mean()) - chance[key]) < 4.5 * stderr + 1e-9, key
+    for k in ks:
+        t2i_hit = (image_order[..., :k] == mapping[None, :, None]).any(dim=-1)  # (T, M)
+        i2t_hit = (mapping[text_order[..., :k]] == torch.arange(n_images)[None, :, None]).any(dim=-1)  # (T, N)
+        for key, hits in ((f"image_retrieval_recall@{k}", t2i_hit), (f"text_retrieval_recall@{k}", i2t_hit)):
+            per_trial = hits.double().mean(dim=1)  # (T,) the recall of each trial
+            stderr = float(per_trial.std()) / math.sqrt(trials)
+            assert abs(float(per_trial.mean()) - chance[key]) < 4.5 * stderr, key
+
+
+def test_random_embeddings_score_near_chance():
+    # End to end: i.i.d. embeddings make each query's ranking uniform, so recall ~ chance.
+    gen = torch.Generator().manual_seed(1)
+    mapping = torch.arange(400).repeat_interleave(2)
+    metrics = retrieval_metrics(torch.randn(400, 16, generator=gen), torch.randn(800, 16, generator=gen), mapping)
+    chance = retrieval_chance(mapping, 400)
+    for key in ("image_retrieval_recall@10", "text_retrieval_recall@10"):
+        assert metrics[key] == pytest.approx(chance[key], abs=0.03), key
 
 
 def test_image_without_caption_is_rejected():
