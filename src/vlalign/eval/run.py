@@ -12,8 +12,9 @@ import pandas as pd
 import torch
 
 from vlalign.errors import DatasetFormatError
-from vlalign.eval.retrieval import retrieval_chance, retrieval_metrics
-from vlalign.eval.zero_shot import zero_shot_chance, zero_shot_classifier, zero_shot_metrics
+from vlalign.eval.calibration import expected_calibration_error
+from vlalign.eval.retrieval import recall_curve_from_ranks, recall_from_ranks, retrieval_chance, retrieval_ranks
+from vlalign.eval.zero_shot import per_class_accuracy, zero_shot_chance, zero_shot_classifier, zero_shot_metrics
 from vlalign.models import CLIPModel, ModelConfig, build_tokenizer_for
 from vlalign.models.inference import embed_images, embed_texts
 
@@ -41,21 +42,32 @@ def evaluate_retrieval(
     lang: str = "en",
     batch_size: int = 256,
     chunk_size: int = 1024,
+    max_k: int = 50,
 ) -> dict[str, Any]:
-    """Text->image and image->text recall@1/5/10 with the multi-caption protocol, beside chance."""
+    """Text->image and image->text recall@1/5/10 with the multi-caption protocol, beside chance.
+
+    Also returns the recall@K curve for K = 1..max_k (and its chance curve) for the report's plot.
+    """
     paths, captions, text_to_image = retrieval_inputs(manifest, split, lang)
     tokenizer = build_tokenizer_for(cfg)
     image_emb = embed_images(model, cfg, paths, batch_size=batch_size)  # (N, D)
     text_emb = embed_texts(model, cfg, tokenizer, captions, batch_size=batch_size)  # (M, D)
-    metrics = retrieval_metrics(image_emb, text_emb, text_to_image, chunk_size=chunk_size)
+    ranks = retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size=chunk_size)
+    max_k = min(max_k, len(paths))
+    curve_chance = retrieval_chance(text_to_image, len(paths), ks=tuple(range(1, max_k + 1)))
     chance = retrieval_chance(text_to_image, len(paths))
     return {
         "split": split,
         "language": lang,
         "n_images": len(paths),
         "n_captions": len(captions),
-        "metrics": metrics,
+        "metrics": recall_from_ranks(ranks),
         "chance": chance,
+        "curve": recall_curve_from_ranks(ranks, max_k),
+        "curve_chance": {
+            "image_retrieval_recall": [curve_chance[f"image_retrieval_recall@{k}"] for k in range(1, max_k + 1)],
+            "text_retrieval_recall": [curve_chance[f"text_retrieval_recall@{k}"] for k in range(1, max_k + 1)],
+        },
     }
 
 
@@ -68,7 +80,11 @@ def evaluate_zero_shot(
     lang: str = "en",
     batch_size: int = 256,
 ) -> dict[str, Any]:
-    """Zero-shot top-1/top-5 and mean per-class recall with prompt-template ensembling, beside chance."""
+    """Zero-shot top-1/top-5 and mean per-class recall with prompt-template ensembling, beside chance.
+
+    Class probabilities are ``softmax(logit_scale * cos)``, as the model was trained; their expected
+    calibration error and reliability-diagram data are returned too.
+    """
     if images.empty:
         raise DatasetFormatError("the zero-shot set has no images.")
     tokenizer = build_tokenizer_for(cfg)
@@ -76,13 +92,12 @@ def evaluate_zero_shot(
     prompt_emb = embed_texts(model, cfg, tokenizer, prompts, batch_size=batch_size)  # (C*T, D)
     classifier = zero_shot_classifier(prompt_emb.view(len(classnames), len(templates), -1))  # (C, D)
     image_emb = embed_images(model, cfg, images["image_path"].tolist(), batch_size=batch_size)  # (N, D)
-    logits = image_emb @ classifier.T  # (N, C)
+    logits = image_emb @ classifier.T  # (N, C) cosine similarities
     labels = torch.as_tensor(images["label"].to_numpy(), dtype=torch.long)  # (N,)
-    per_class = {
-        classnames[c]: float((logits[labels == c].argmax(dim=1) == c).float().mean())
-        for c in range(len(classnames))
-        if bool((labels == c).any())
-    }
+    with torch.no_grad():
+        probs = (model.scale() * logits).softmax(dim=1)  # (N, C)
+    accuracy = per_class_accuracy(logits, labels)  # (C,), NaN where a class has no image
+    per_class = {classnames[c]: float(accuracy[c]) for c in range(len(classnames)) if not torch.isnan(accuracy[c])}
     return {
         "language": lang,
         "n_images": len(images),
@@ -91,4 +106,5 @@ def evaluate_zero_shot(
         "metrics": zero_shot_metrics(logits, labels),
         "chance": zero_shot_chance(labels, len(classnames)),
         "per_class_accuracy": per_class,
+        "reliability": expected_calibration_error(probs, labels),
     }

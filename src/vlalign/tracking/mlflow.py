@@ -181,7 +181,7 @@ def embed_frame(model: Any, cfg: Any, tokenizer: Any, frame: pd.DataFrame) -> np
     image_rows = [i for i in range(len(frame)) if i not in set(text_rows)]
     with torch.no_grad():
         if text_rows:
-            batch = tokenize(tokenizer, [texts.iloc[i] for i in text_rows], cfg.text.max_length)
+            batch = tokenize(tokenizer, [texts.iloc[i] for i in text_rows], cfg.text.context_length)
             out[text_rows] = model.encode_text(batch["input_ids"], batch["attention_mask"]).numpy()
         if image_rows:
             missing = [i for i in image_rows if images.iloc[i] is None]

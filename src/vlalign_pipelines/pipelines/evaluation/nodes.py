@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from vlalign.eval.run import evaluate_retrieval, evaluate_zero_shot
-from vlalign.tracking.mlflow import log_metrics
+from vlalign.eval.report import write_benchmark_report
+from vlalign.tracking.mlflow import log_artifact, log_metrics
 from vlalign.train import model_from_checkpoint
 
 
@@ -31,3 +33,23 @@ def evaluate_model(
     }
     log_metrics({"test": retrieval["metrics"], "zero_shot": zero_shot["metrics"]})
     return metrics
+
+
+def write_report(metrics: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
+    """Markdown + HTML benchmark report with recall@K curves, reliability diagram and per-class accuracy."""
+    retrieval, zero_shot = metrics["retrieval"], metrics["zero_shot"]
+    sections = {
+        f"{retrieval['dataset']} retrieval ({retrieval['language']}, {retrieval['split']})": {
+            **{k: v for k, v in retrieval.items() if k not in ("curve_chance", "ratio_to_chance")},
+            "description": "Multi-caption protocol: an image counts as retrieved when any of its captions is "
+            "in the top K; each caption has exactly one correct image. Ties count against the model.",
+        },
+        f"{zero_shot['dataset']} zero-shot ({zero_shot['language']})": {
+            **{k: v for k, v in zero_shot.items() if k != "ratio_to_chance"},
+            "description": f"Prompt-template ensembling over {zero_shot['n_templates']} templates.",
+        },
+    }
+    out_dir = Path(params["report_dir"])
+    paths = write_benchmark_report(sections, out_dir, title=params.get("report_title", "vlalign benchmark report"))
+    log_artifact(out_dir, "report")
+    return {name: str(path) for name, path in paths.items()}

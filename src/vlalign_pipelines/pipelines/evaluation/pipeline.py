@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Pipeline, node, pipeline
 
-from .nodes import evaluate_model
+from .nodes import evaluate_model, write_report
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -13,6 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["merged_checkpoint", "clean_manifest", "zero_shot_set", "params:evaluation"],
                 outputs="metrics",
                 name="evaluate_model",
-            )
+            ),
+            node(write_report, inputs=["metrics", "params:evaluation"], outputs="report_files", name="write_report"),
         ]
     )
