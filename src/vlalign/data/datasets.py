@@ -49,10 +49,10 @@ class ImageTextDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
-        groups = rows.groupby("image_id", sort=False).indices  # image_id -> row positions, first-seen order
-        self.image_ids = list(groups)
+        first = rows.drop_duplicates("image_id")  # one row per image, first-seen order
+        groups = rows.groupby("image_id", sort=False).indices  # image_id -> row positions
+        self.image_ids = first["image_id"].tolist()
         self.caption_rows = [np.asarray(groups[i]) for i in self.image_ids]  # per image: its caption row positions
-        first = rows.drop_duplicates("image_id")
         sources = first["source"] if "source" in first.columns else first["image_path"]
         self.pixels = torch.stack(
             [self._decode(path, source) for path, source in zip(first["image_path"], sources)]

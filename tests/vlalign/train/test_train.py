@@ -8,10 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
+from vlalign.data.datasets import ImageTextDataset, collate_pairs
 from vlalign.errors import CheckpointError, ConfigError
-from vlalign.models import build_model, get_model_config
+from vlalign.models import build_model, build_tokenizer_for, build_transform, get_model_config
 from vlalign.train import CheckpointStore, StageConfig, load_checkpoint, model_from_checkpoint, save_checkpoint, train_stage
 from vlalign.train.optim import WarmupCosine, build_optimizer, no_decay_names
 
@@ -33,7 +34,7 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
         image = Image.new("RGB", (32, 32), (118, 118, 118))
         x = 8 if side == "left" else 24
         box = [x - 5, 11, x + 5, 21]
-        draw = __import__("PIL.ImageDraw", fromlist=["Draw"]).Draw(image)
+        draw = ImageDraw.Draw(image)
         (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
         path = root / f"{index}.png"
         image.save(path)
@@ -73,6 +74,32 @@ class Recorder:
 
     def on_checkpoint(self, path: Path, step: int) -> None:
         self.checkpoints.append((path, step))
+
+
+def test_dataset_pairs_each_image_with_one_of_its_captions(manifest, model_cfg) -> None:
+    tokenizer = build_tokenizer_for(model_cfg)
+    train = manifest[manifest["split"] == "train"].sample(frac=1.0, random_state=0)  # rows of an image not adjacent
+    dataset = ImageTextDataset(train, build_transform(model_cfg, train=False), tokenizer, 16, ["en"], seed=0)
+    assert len(dataset) == 16
+    chosen = {}
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            item = dataset[index]
+            image_id = dataset.image_ids[index]
+            rows = train[train["image_id"] == image_id]
+            ids = item["input_ids"][item["attention_mask"].bool()]
+            caption = tokenizer.decode(ids, skip_special_tokens=True)
+            assert caption in rows[rows["lang"] == "en"]["caption"].tolist()
+            expected = build_transform(model_cfg, train=False)(Image.open(rows["image_path"].iloc[0]))
+            assert torch.equal(item["pixels"], expected)
+            chosen.setdefault(index, set()).add(caption)
+    assert any(len(c) == 2 for c in chosen.values())  # captions are re-drawn per epoch
+    dataset.set_epoch(1)
+    assert torch.equal(dataset[3]["input_ids"], dataset[3]["input_ids"])
+    batch = collate_pairs([dataset[i] for i in range(4)])
+    assert batch["pixels"].shape == (4, 3, 32, 32)
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(dim=1).max()) < 16  # padding trimmed
 
 
 def _losses(ckpt: dict) -> list[float]:

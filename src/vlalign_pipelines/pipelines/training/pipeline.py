@@ -13,6 +13,8 @@ from pathlib import Path
 from kedro.config import OmegaConfigLoader
 from kedro.pipeline import Pipeline, node, pipeline
 
+from vlalign.errors import ConfigError
+
 from .nodes import train_one_stage
 
 
@@ -20,7 +22,14 @@ def stage_names(conf_source: str | Path = "conf", env: str | None = None) -> lis
     """Stage names in order, as ``training.stages`` lists them in the project configuration."""
     env = env or os.environ.get("KEDRO_ENV") or "local"
     loader = OmegaConfigLoader(conf_source=str(conf_source), base_env="base", default_run_env=env)
-    return [stage["name"] for stage in loader["parameters"]["training"]["stages"]]
+    stages = (loader["parameters"].get("training") or {}).get("stages")
+    if not stages or not all(isinstance(s, dict) and s.get("name") for s in stages):
+        raise ConfigError(
+            f"no list of named stages at `training.stages` in the parameters under {conf_source} "
+            f"(environments base and {env}); define it in conf/base/parameters_training.yml, e.g. "
+            "`training: {stages: [{name: stage1, ...}, {name: stage2, ...}]}`."
+        )
+    return [stage["name"] for stage in stages]
 
 
 def stage_pipeline(stage_name: str, previous: str | None) -> Pipeline:
