@@ -33,3 +33,11 @@ class RuntimeHooks:
         threads = int(os.environ.get("VLALIGN_NUM_THREADS", os.cpu_count() or 1))
         torch.set_num_threads(max(1, threads))
         log.info("torch uses %d CPU threads (set VLALIGN_NUM_THREADS to change)", torch.get_num_threads())
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        from vlalign.tracking.mlflow import close_leftover_runs
+
+        ended = close_leftover_runs()
+        if ended:
+            log.debug("closed %d MLflow run(s) left on the run stack", ended)

@@ -13,5 +13,7 @@ from kedro.pipeline import Pipeline
 def register_pipelines() -> dict[str, Pipeline]:
     pipelines = find_pipelines(raise_errors=True)
     order = ["validation", "training", "merge", "evaluation", "registration"]
-    pipelines["__default__"] = sum((pipelines[name] for name in order), Pipeline([]))
+    # `kedro run --pipeline X` makes kedro import only X's module, so the default may be incomplete then.
+    if all(name in pipelines for name in order):
+        pipelines["__default__"] = sum((pipelines[name] for name in order), Pipeline([]))
     return pipelines

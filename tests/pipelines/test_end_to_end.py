@@ -30,6 +30,7 @@ def make_project(tmp_path: Path) -> Path:
     shutil.copy(REPO / ".telemetry", project / ".telemetry")
     shutil.copytree(REPO / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
     (project / "conf" / "local").mkdir()
+    (project / "src").mkdir()  # kedro wants it; the packages are imported from the installed project
     return project
 
 

@@ -255,3 +255,17 @@ def active_run_id() -> str | None:
     """The id of the active MLflow run, or None."""
     run = mlflow.active_run()
     return run.info.run_id if run is not None else None
+
+
+def close_leftover_runs() -> int:
+    """End runs left on this thread's run stack after a pipeline; returns how many were ended.
+
+    kedro-mlflow re-enters its pipeline run before every node (for thread safety). With mlflow 3.17 that
+    pushes the same run on the stack again each time, and its single ``end_run`` at the end of the
+    pipeline leaves the rest active, so the next ``kedro run`` in the same process would log into it.
+    """
+    ended = 0
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+        ended += 1
+    return ended

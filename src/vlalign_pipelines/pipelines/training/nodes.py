@@ -36,6 +36,6 @@ def train_one_stage(
 ) -> dict[str, Any]:
     """Train one stage from the previous stage's checkpoint (or from scratch) and return its final checkpoint."""
     model_cfg = get_model_config(model["name"], **model.get("overrides", {}))
-    stage = StageConfig(**stage_params(training, stage_name))
-    with StageRunLogger(stage.name, params={"model": model_cfg.to_dict(), "stage": stage.__dict__}) as logger:
+    stage = StageConfig.from_dict(stage_params(training, stage_name))
+    with StageRunLogger(stage.name, params={"model": model_cfg.to_dict(), "stage": stage.to_dict()}) as logger:
         return train_stage(model_cfg, stage, manifest, init_checkpoint, store, callbacks=[logger])
