@@ -13,31 +13,37 @@ from vlalign.tracking.mlflow import log_artifact, log_metrics
 from vlalign.train import model_from_checkpoint
 
 
+SUMMARY_KEYS = ("dataset", "split", "language", "n_images", "n_captions", "n_classes", "n_templates",
+                "metrics", "chance", "ratio_to_chance")
+
+
 def evaluate_model(
     checkpoint: dict[str, Any], manifest: pd.DataFrame, zero_shot_set: dict[str, Any], params: dict[str, Any]
-) -> dict[str, Any]:
-    """metrics.json: every metric with its chance level and its ratio to chance."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return metrics.json (every metric beside its chance level and ratio to chance) and the details
+    behind the report (recall@K curves, per-class accuracy, reliability-diagram data)."""
     model = model_from_checkpoint(checkpoint).eval()
     retrieval = evaluate_retrieval(model, model.config, manifest, split=params["split"], lang=params["lang"],
                                    batch_size=params["batch_size"], chunk_size=params["chunk_size"])
     lang = params["zero_shot_lang"]
     zero_shot = evaluate_zero_shot(model, model.config, zero_shot_set["images"], zero_shot_set["classnames"][lang],
                                    zero_shot_set["templates"][lang], lang=lang, batch_size=params["batch_size"])
+    retrieval["dataset"], zero_shot["dataset"] = params["retrieval_dataset"], params["zero_shot_dataset"]
     for block in (retrieval, zero_shot):
         block["ratio_to_chance"] = {k: v / block["chance"][k] for k, v in block["metrics"].items()
                                     if block["chance"].get(k)}
     metrics = {
         "model": {"merge_beta": (checkpoint.get("merge") or {}).get("beta"), "stage": checkpoint["stage_config"]["name"]},
-        "retrieval": {"dataset": params["retrieval_dataset"], **retrieval},
-        "zero_shot": {"dataset": params["zero_shot_dataset"], **zero_shot},
+        "retrieval": {k: retrieval[k] for k in SUMMARY_KEYS if k in retrieval},
+        "zero_shot": {k: zero_shot[k] for k in SUMMARY_KEYS if k in zero_shot},
     }
     log_metrics({"test": retrieval["metrics"], "zero_shot": zero_shot["metrics"]})
-    return metrics
+    return metrics, {"retrieval": retrieval, "zero_shot": zero_shot}
 
 
-def write_report(metrics: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
+def write_report(details: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
     """Markdown + HTML benchmark report with recall@K curves, reliability diagram and per-class accuracy."""
-    retrieval, zero_shot = metrics["retrieval"], metrics["zero_shot"]
+    retrieval, zero_shot = details["retrieval"], details["zero_shot"]
     sections = {
         f"{retrieval['dataset']} retrieval ({retrieval['language']}, {retrieval['split']})": {
             **{k: v for k, v in retrieval.items() if k not in ("curve_chance", "ratio_to_chance")},

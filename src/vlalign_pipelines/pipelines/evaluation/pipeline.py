@@ -11,9 +11,9 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 evaluate_model,
                 inputs=["merged_checkpoint", "clean_manifest", "zero_shot_set", "params:evaluation"],
-                outputs="metrics",
+                outputs=["metrics", "evaluation_details"],
                 name="evaluate_model",
             ),
-            node(write_report, inputs=["metrics", "params:evaluation"], outputs="report_files", name="write_report"),
+            node(write_report, inputs=["evaluation_details", "params:evaluation"], outputs="report_files", name="write_report"),
         ]
     )
