@@ -45,7 +45,7 @@ class TextTowerConfig:
     vocab: str = "pkg:vlalign/assets/demo_vocab.txt"  # vocab.txt file, or a folder holding tokenizer files
     lowercase: bool = True  # lowercase text before WordPiece (only used with a vocab.txt file)
     context_length: int = 32  # tokens per caption including [CLS] and [SEP]; longer captions are truncated
-    pooling: str = "cls"  # sentence vector: "cls" (first token) or "mean" (mean over non-padding tokens)
+    pooling: str = "mean"  # sentence vector: "cls" (first token) or "mean" (mean over non-padding tokens)
     hidden_size: int = 128  # scratch BERT: width (ignored with `pretrained`)
     num_layers: int = 2  # scratch BERT: transformer layers (ignored with `pretrained`)
     num_heads: int = 2  # scratch BERT: attention heads (ignored with `pretrained`)

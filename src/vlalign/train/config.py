@@ -16,10 +16,10 @@ class StageConfig:
     trainable: list[str] = field(default_factory=lambda: ["all"])  # parameter-name prefixes to train, or ["all"]
     epochs: int = 1  # passes over the training images (ignored when max_steps is set)
     max_steps: int | None = None  # total optimizer steps; overrides epochs when set
-    batch_size: int = 128  # image-text pairs per step (the last incomplete batch of an epoch is dropped)
+    batch_size: int = 64  # image-text pairs per step (the last incomplete batch of an epoch is dropped)
     lr: float = 1e-3  # peak learning rate of AdamW
     weight_decay: float = 0.1  # AdamW decay on weight matrices (never on biases, norms or logit_scale)
-    warmup_steps: int = 50  # linear warmup steps from 0 to lr, then cosine decay
+    warmup_steps: int = 30  # linear warmup steps from 0 to lr, then cosine decay
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     seed: int = 0  # seeds model init, batch order, caption choice and augmentation
     checkpoint_every: int = 100  # save a resumable checkpoint every this many steps (0 = final only)

@@ -156,7 +156,7 @@ def train_stage(
 
     loss_fn = ClipLoss()
     model.train()
-    for name, child in model.named_children():
+    for child in model.children():
         if not any(p.requires_grad for p in child.parameters()):
             child.eval()  # a frozen tower keeps its dropout off and its batch-norm statistics fixed
     trainable_params = [p for p in model.parameters() if p.requires_grad]
@@ -168,7 +168,11 @@ def train_stage(
             dataset.set_epoch(epoch)
             batches = _epoch_batches(len(dataset), stage.batch_size, stage.seed, epoch)[done_in_epoch:]
             loader = DataLoader(
-                dataset, batch_sampler=batches, collate_fn=collate_pairs, num_workers=stage.num_workers, generator=loader_generator
+                dataset,
+                batch_sampler=batches,
+                collate_fn=collate_pairs,
+                num_workers=stage.num_workers,
+                generator=loader_generator,
             )
             for batch in loader:
                 lr = optimizer.param_groups[0]["lr"]

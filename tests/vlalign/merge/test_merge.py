@@ -56,7 +56,8 @@ def test_mismatches_name_key_shape_and_checkpoints() -> None:
         interpolate_state_dicts(sd1, missing, 0.5, names=names)
     with pytest.raises(IncompatibleCheckpointsError, match=r"key 'extra' is in stage2/final.pt but not in stage1/final.pt"):
         interpolate_state_dicts(sd1, dict(sd2, extra=torch.zeros(1)), 0.5, names=names)
-    with pytest.raises(IncompatibleCheckpointsError, match=r"key 'w' has shape \(4, 3\) torch.float32 in stage1/final.pt but \(3, 4\)"):
+    shape_error = r"key 'w' has shape \(4, 3\) torch.float32 in stage1/final.pt but \(3, 4\)"
+    with pytest.raises(IncompatibleCheckpointsError, match=shape_error):
         interpolate_state_dicts(sd1, dict(sd2, w=torch.zeros(3, 4)), 0.5, names=names)
     with pytest.raises(IncompatibleCheckpointsError, match="non-float tensor 'position_ids' differs"):
         interpolate_state_dicts(sd1, dict(sd2, position_ids=torch.arange(6).flip(0)), 0.5)

@@ -100,8 +100,9 @@ def test_scratch_model_forward_shapes_normalisation_and_temperature(no_network: 
     assert model(pixels, tokens["input_ids"], tokens["attention_mask"])["logit_scale"].item() == pytest.approx(100.0)
 
 
-def test_padding_does_not_change_text_embeddings() -> None:
-    cfg = get_model_config("tiny-vit-bert", **{**TINY, "text": {**TINY["text"], "pooling": "mean"}})
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_padding_does_not_change_text_embeddings(pooling: str) -> None:
+    cfg = get_model_config("tiny-vit-bert", **{**TINY, "text": {**TINY["text"], "pooling": pooling}})
     model = build_model(cfg).eval()
     tokens = _tokens(cfg, ["a big green triangle at the top"])
     length = int(tokens["attention_mask"].sum())

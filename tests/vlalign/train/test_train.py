@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image, ImageDraw
+
+import vlalign.train
 
 from vlalign.data.datasets import ImageTextDataset, collate_pairs
 from vlalign.errors import CheckpointError, ConfigError
@@ -18,7 +22,11 @@ from vlalign.train.optim import WarmupCosine, build_optimizer, no_decay_names
 
 TINY = {
     "embed_dim": 16,
-    "image": {"image_size": 32, "max_shift": 2, "timm_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
+    "image": {
+        "image_size": 32,
+        "max_shift": 2,
+        "timm_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+    },
     "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "context_length": 16, "dropout": 0.1},
 }
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (35, 75, 225), "yellow": (245, 225, 30)}
@@ -44,7 +52,10 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
                 {"image_id": str(index), "image_path": str(path), "caption": caption, "caption_id": f"{lang}:{index}{k}",
                  "split": "train", "lang": lang, "source": f"test:{index}:{k}"}
             )
-    rows += [dict(rows[0], split="test", image_id="t0", caption_id="en:t0"), dict(rows[3], split="test", image_id="t1", caption_id="en:t1")]
+    rows += [
+        dict(rows[0], split="test", image_id="t0", caption_id="en:t0"),
+        dict(rows[3], split="test", image_id="t1", caption_id="en:t1"),
+    ]
     return pd.DataFrame(rows)
 
 
@@ -223,7 +234,8 @@ def test_save_is_atomic(tmp_path, monkeypatch) -> None:
 def test_optimizer_groups_and_schedule(model_cfg) -> None:
     model = build_model(model_cfg)
     exempt = no_decay_names(model)
-    assert {"logit_scale", "image_tower.pos_embed", "image_tower.cls_token", "image_proj.weight"} - exempt == {"image_proj.weight"}
+    assert {"logit_scale", "image_tower.pos_embed", "image_tower.cls_token"} <= exempt
+    assert "image_proj.weight" not in exempt
     assert all(name in exempt for name, p in model.named_parameters() if name.endswith(".bias") or "norm" in name.lower())
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.2)
     decay = {id(p) for p in optimizer.param_groups[0]["params"]}
@@ -236,3 +248,12 @@ def test_optimizer_groups_and_schedule(model_cfg) -> None:
     assert values[9] == pytest.approx(0.55)  # half-way through the cosine: (1 + 0.1) / 2
     assert values[14] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(values[4:], values[5:]))
+
+
+def test_tuned_defaults_are_complete_stage_configs() -> None:
+    stages = yaml.safe_load((Path(vlalign.train.__file__).parent / "defaults.yaml").read_text(encoding="utf-8"))
+    assert [s["name"] for s in stages] == ["stage1", "stage2"]
+    for stage in stages:
+        assert set(stage) == {f.name for f in fields(StageConfig)}
+        assert StageConfig.from_dict(stage).to_dict() == stage
+    assert stages[0]["trainable"] == ["image_proj", "text_proj", "logit_scale"] and stages[1]["trainable"] == ["all"]
