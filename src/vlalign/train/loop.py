@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -42,20 +43,45 @@ class TrainCallback(Protocol):
         """After a checkpoint was written to ``path`` at ``step``."""
 
 
-def _resumable(store: CheckpointStore, model_cfg: ModelConfig, stage: StageConfig) -> dict[str, Any] | None:
-    """The store's latest checkpoint if it is an unfinished run of this very stage and model, else None."""
+def training_inputs_fingerprint(train_rows: pd.DataFrame, init: dict[str, Any] | None) -> dict[str, str | None]:
+    """sha256 of the training rows and of the initial weights: what a stage's result depends on besides configs."""
+    rows = train_rows[["image_id", "image_path", "caption", "lang"]].reset_index(drop=True)
+    data = hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes()).hexdigest()
+    init_sha = None
+    if init is not None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(init["model"].items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        init_sha = digest.hexdigest()
+    return {"train_rows_sha256": data, "init_weights_sha256": init_sha}
+
+
+def _stored_run(
+    store: CheckpointStore, model_cfg: ModelConfig, stage: StageConfig, inputs: dict[str, str | None]
+) -> dict[str, Any] | None:
+    """The store's latest checkpoint if it is a run of this very stage, model, data and initial weights.
+
+    It may be unfinished (training resumes from it) or completed (it is the result, reused as is).
+    """
     path = store.latest()
     if path is None:
         return None
     ckpt = load_checkpoint(path)
-    if ckpt["completed"] or ckpt["stage_config"].get("name") != stage.name:
+    if ckpt["stage_config"].get("name") != stage.name:
         return None
     saved = {k: v for k, v in ckpt["stage_config"].items() if k not in RESUME_INSENSITIVE}
     current = {k: v for k, v in stage.to_dict().items() if k not in RESUME_INSENSITIVE}
-    if saved != current or ckpt["model_config"] != model_cfg.to_dict():
-        log.warning("%s: unfinished stage %r was run with another configuration; starting the stage afresh.", path, stage.name)
+    if saved != current or ckpt["model_config"] != model_cfg.to_dict() or ckpt.get("inputs") != inputs:
+        log.warning(
+            "%s: stage %r was run with another configuration, training data or initial weights; "
+            "starting the stage afresh.", path, stage.name,
+        )
         return None
-    log.info("resuming stage %r from %s at step %d", stage.name, path, ckpt["step"])
+    if ckpt["completed"]:
+        log.info("stage %r already completed with these inputs (%s); reusing it", stage.name, path)
+    else:
+        log.info("resuming stage %r from %s at step %d", stage.name, path, ckpt["step"])
     return ckpt
 
 
@@ -88,13 +114,17 @@ def train_stage(
     - Starts from ``init``'s model weights when given (a previous stage's checkpoint; fresh optimizer),
       else from the towers' local pretrained weights or random init (seeded by ``stage.seed``).
     - Trains the parameters whose names start with ``stage.trainable``; fully frozen towers run in eval mode.
-    - Resumes exactly from ``store.latest()`` when it is an unfinished checkpoint of this stage.
+    - Resumes exactly from ``store.latest()`` when it is an unfinished checkpoint of this stage with the
+      same configs, training rows and initial weights; returns it unchanged when it is a completed one.
     - Saves a checkpoint every ``stage.checkpoint_every`` steps and a ``completed=True`` one at the end.
     """
     train_rows = manifest[manifest["split"] == "train"]
     if train_rows.empty:
         raise DatasetFormatError(f"the manifest has no split == 'train' rows (splits: {sorted(manifest['split'].unique())}).")
-    resume = _resumable(store, model_cfg, stage)
+    inputs = training_inputs_fingerprint(train_rows, init)
+    resume = _stored_run(store, model_cfg, stage, inputs)
+    if resume is not None and resume["completed"]:
+        return resume
     torch.manual_seed(stage.seed)
     np.random.seed(stage.seed)
     random.seed(stage.seed)
@@ -145,6 +175,7 @@ def train_stage(
             "rng": rng_state(),
             "completed": completed,
             "history": list(history),
+            "inputs": inputs,
         }
 
     def save(completed: bool) -> dict[str, Any]:

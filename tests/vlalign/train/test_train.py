@@ -12,8 +12,6 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
-import vlalign.train
-
 from vlalign.data.datasets import ImageTextDataset, collate_pairs
 from vlalign.errors import CheckpointError, ConfigError
 from vlalign.models import build_model, build_tokenizer_for, build_transform, get_model_config
@@ -185,11 +183,25 @@ def test_checkpoints_describe_themselves(tmp_path, manifest, model_cfg) -> None:
         assert torch.equal(value, final["model"][key]), key
 
 
-def test_completed_or_foreign_checkpoints_are_not_resumed(tmp_path, manifest, model_cfg) -> None:
+def test_completed_stage_is_reused_only_with_the_same_inputs(tmp_path, manifest, model_cfg) -> None:
     store = CheckpointStore(tmp_path / "s")
     first = train_stage(model_cfg, _stage(max_steps=3), manifest, None, store)
-    again = train_stage(model_cfg, _stage(max_steps=3), manifest, None, store)  # completed: trains afresh
-    assert _losses(again) == _losses(first)
+    recorder = Recorder()
+    again = train_stage(model_cfg, _stage(max_steps=3), manifest, None, store, [recorder])
+    assert recorder.steps == [] and recorder.checkpoints == []  # completed with the same inputs: not retrained
+    assert all(torch.equal(again["model"][k], first["model"][k]) for k in first["model"])
+    # Other training rows or other initial weights make the stored result stale: the stage trains again.
+    fewer_rows = manifest.drop(index=manifest.index[manifest["split"] == "train"][:3])
+    recorder = Recorder()
+    train_stage(model_cfg, _stage(max_steps=3), fewer_rows, None, store, [recorder])
+    assert [step for step, _ in recorder.steps] == [1, 2, 3]
+    recorder = Recorder()
+    train_stage(model_cfg, _stage(max_steps=3), fewer_rows, first, store, [recorder])
+    assert [step for step, _ in recorder.steps] == [1, 2, 3]
+
+
+def test_foreign_checkpoints_are_not_resumed(tmp_path, manifest, model_cfg) -> None:
+    store = CheckpointStore(tmp_path / "s")
     with pytest.raises(KeyboardInterrupt):
         train_stage(model_cfg, _stage(max_steps=6, checkpoint_every=2), manifest, None, store, [Recorder(crash_at=3)])
     other = train_stage(model_cfg, _stage(max_steps=6, checkpoint_every=2, lr=5e-4), manifest, None, store)
@@ -251,7 +263,9 @@ def test_optimizer_groups_and_schedule(model_cfg) -> None:
 
 
 def test_tuned_defaults_are_complete_stage_configs() -> None:
-    stages = yaml.safe_load((Path(vlalign.train.__file__).parent / "defaults.yaml").read_text(encoding="utf-8"))
+    """The tuned stages of the default pipeline (conf/base/parameters_training.yml) set every StageConfig field."""
+    conf = Path(__file__).resolve().parents[3] / "conf" / "base" / "parameters_training.yml"
+    stages = yaml.safe_load(conf.read_text(encoding="utf-8"))["training"]["stages"]
     assert [s["name"] for s in stages] == ["stage1", "stage2"]
     for stage in stages:
         assert set(stage) == {f.name for f in fields(StageConfig)}
