@@ -44,9 +44,13 @@ def evaluate_model(
 def write_report(details: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
     """Markdown + HTML benchmark report with recall@K curves, reliability diagram and per-class accuracy."""
     retrieval, zero_shot = details["retrieval"], details["zero_shot"]
+    chance = dict(retrieval["chance"])  # chance at every K of the curve, drawn as dashed lines
+    for direction, values in retrieval["curve_chance"].items():
+        chance.update({f"{direction}@{k}": v for k, v in zip(retrieval["curve"]["k"], values)})
     sections = {
         f"{retrieval['dataset']} retrieval ({retrieval['language']}, {retrieval['split']})": {
             **{k: v for k, v in retrieval.items() if k not in ("curve_chance", "ratio_to_chance")},
+            "chance": chance,
             "description": "Multi-caption protocol: an image counts as retrieved when any of its captions is "
             "in the top K; each caption has exactly one correct image. Ties count against the model.",
         },
