@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -e ".[pipelines,pretrained,dev]"
+	# Data-only packages (ImageNet class names/templates, Chinese BERT vocab.txt): --no-deps, since
+	# cn-clip pins lmdb etc. and only their data files are read (vlalign.data.classnames).
+	$(BIN)/python -m pip install --quiet --no-deps open-clip-torch==3.3.0 cn-clip==1.6.0
 	@touch $@
 
 run: setup

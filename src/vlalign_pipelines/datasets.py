@@ -12,7 +12,8 @@ import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 
 from vlalign.data.demo import DemoConfig, generate_demo_dataset
-from vlalign.data.formats import load_corpus, load_imagefolder, load_lines
+from vlalign.data.classnames import imagenet_classnames, imagenet_templates
+from vlalign.data.formats import load_coco_cn, load_corpus, load_imagefolder, load_imagenet_flat, load_lines
 from vlalign.train.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint
 
 
@@ -62,11 +63,23 @@ class ImageCaptionCorpusDataset(AbstractDataset[None, pd.DataFrame]):
         return {"sources": self._sources, "demo_root": self._demo_root}
 
 
+#: Value of a ``classnames`` / ``templates`` entry meaning "the ImageNet-1k lists shipped in open-clip-torch
+#: (en) / cn-clip (zh)" instead of a file.
+PACKAGE_IMAGENET = "package:imagenet"
+
+
 class ZeroShotSetDataset(AbstractDataset[None, dict[str, Any]]):
     """A classification set in the ImageNet folder layout, with class names and prompt templates.
 
     ``load`` returns ``{"images": DataFrame[image_path, label, wnid], "wnids": [...],
     "classnames": {lang: [...]}, "templates": {lang: [...]}}``.
+
+    ``layout: folder`` (default) reads ``root/split_dir/<wnid>/<image>``. ``layout: flat`` reads every image
+    of ``root/split_dir`` with ``labels_file`` (one label per line in file-name order, or a
+    ``filename,label`` CSV); ``label_index_base: 1`` and ``label_wnids_file`` handle the devkit's
+    ``ILSVRC2012_validation_ground_truth.txt`` (see ``vlalign.data.formats.load_imagenet_flat``).
+    A ``classnames``/``templates`` value ``package:imagenet`` takes the 1,000 ImageNet class names / 80 CLIP
+    templates from open-clip-torch (en) or cn-clip (zh). Relative file names are resolved against ``root``.
     """
 
     def __init__(
@@ -78,9 +91,23 @@ class ZeroShotSetDataset(AbstractDataset[None, dict[str, Any]]):
         demo_root: str | None = None,
         demo_config: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        layout: str = "folder",
+        labels_file: str | None = None,
+        label_index_base: int = 0,
+        label_wnids_file: str | None = None,
+        wnids_file: str | None = None,
     ) -> None:
+        if layout not in ("folder", "flat"):
+            raise DatasetError(f"ZeroShotSetDataset: layout={layout!r}; expected 'folder' or 'flat'.")
+        if layout == "flat" and not labels_file:
+            raise DatasetError("ZeroShotSetDataset: layout 'flat' needs labels_file (one label per image).")
         self._root = Path(root)
         self._split_dir = split_dir
+        self._layout = layout
+        self._labels_file = labels_file
+        self._label_index_base = label_index_base
+        self._label_wnids_file = label_wnids_file
+        self._wnids_file = wnids_file
         self._classnames = dict(classnames)
         self._templates = dict(templates)
         self._demo_root = demo_root
@@ -91,14 +118,33 @@ class ZeroShotSetDataset(AbstractDataset[None, dict[str, Any]]):
         path = Path(name)
         return path if path.is_absolute() else self._root / path
 
+    def _images(self) -> tuple[pd.DataFrame, list[str]]:
+        image_dir = self._root / self._split_dir
+        wnids_file = self._resolve(self._wnids_file) if self._wnids_file else None
+        if self._layout == "folder":
+            return load_imagefolder(image_dir, wnids_file)
+        label_wnids = self._resolve(self._label_wnids_file) if self._label_wnids_file else None
+        images = load_imagenet_flat(image_dir, self._resolve(self._labels_file), self._label_index_base,
+                                    label_wnids, wnids_file)
+        if wnids_file is not None:
+            wnids = load_lines(wnids_file)
+        else:
+            wnids = sorted(load_lines(label_wnids)) if label_wnids is not None else []
+        return images, wnids
+
+    def _lines(self, spec: str, lang: str, kind: str) -> list[str]:
+        if spec == PACKAGE_IMAGENET:
+            return imagenet_classnames(lang) if kind == "classnames" else imagenet_templates(lang)
+        return load_lines(self._resolve(spec))
+
     def load(self) -> dict[str, Any]:
         _ensure_demo(self._demo_root, self._demo_config)
-        images, wnids = load_imagefolder(self._root / self._split_dir)
+        images, wnids = self._images()
         return {
             "images": images,
             "wnids": wnids,
-            "classnames": {lang: load_lines(self._resolve(f)) for lang, f in self._classnames.items()},
-            "templates": {lang: load_lines(self._resolve(f)) for lang, f in self._templates.items()},
+            "classnames": {lang: self._lines(f, lang, "classnames") for lang, f in self._classnames.items()},
+            "templates": {lang: self._lines(f, lang, "templates") for lang, f in self._templates.items()},
         }
 
     def save(self, data: dict[str, Any]) -> None:
@@ -108,7 +154,53 @@ class ZeroShotSetDataset(AbstractDataset[None, dict[str, Any]]):
         return (self._root / self._split_dir).is_dir()
 
     def _describe(self) -> dict[str, Any]:
-        return {"root": str(self._root), "split_dir": self._split_dir}
+        return {"root": str(self._root), "split_dir": self._split_dir, "layout": self._layout}
+
+
+class CocoCnDataset(AbstractDataset[None, pd.DataFrame]):
+    """The COCO-CN release (split lists + human-written Chinese captions) as a manifest table (lang zh).
+
+    Catalog example::
+
+        raw_manifest:
+          type: vlalign_pipelines.datasets.CocoCnDataset
+          root: data/01_raw/coco_cn                 # coco-cn_{train,val,test}.txt, imageid.human-written-caption.txt
+          image_roots: data/01_raw/coco_cn/images   # holds train2014/ and val2014/ (or {train2014: .., val2014: ..})
+          splits: [train, val, test]
+
+    See ``vlalign.data.formats.load_coco_cn`` for the exact format. It is read-only.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_roots: str | dict[str, str],
+        splits: list[str] | None = None,
+        captions_file: str = "imageid.human-written-caption.txt",
+        split_files: dict[str, str] | None = None,
+        id_prefix: str = "",
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self._root = root
+        self._image_roots = dict(image_roots) if isinstance(image_roots, dict) else image_roots
+        self._splits = list(splits or ["train", "val", "test"])
+        self._captions_file = captions_file
+        self._split_files = split_files
+        self._id_prefix = id_prefix
+        self.metadata = metadata
+
+    def load(self) -> pd.DataFrame:
+        return load_coco_cn(self._root, self._image_roots, self._splits, self._captions_file,
+                            self._split_files, self._id_prefix)
+
+    def save(self, data: pd.DataFrame) -> None:
+        raise DatasetError("CocoCnDataset is read-only: raw corpora are never overwritten.")
+
+    def _exists(self) -> bool:
+        return (Path(self._root) / self._captions_file).exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"root": self._root, "image_roots": self._image_roots, "splits": self._splits}
 
 
 class TorchCheckpointDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):

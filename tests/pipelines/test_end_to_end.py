@@ -83,6 +83,30 @@ def test_default_pipeline_end_to_end(project: Path) -> None:
             assert 0.0 < retrieval["chance"][name] <= 1.0
     assert retrieval["n_images"] == 16 and retrieval["n_captions"] == 16 * 5
     assert set(metrics["zero_shot"]["metrics"]) >= {"acc1", "acc5", "mean_per_class_recall"}
+    # Chinese retrieval on the same test images (COCO-CN protocol: 2 captions per image).
+    retrieval_zh = metrics["retrieval_zh"]
+    assert retrieval_zh["language"] == "zh"
+    assert retrieval_zh["n_images"] == 16 and retrieval_zh["n_captions"] == 16 * 2
+    assert set(retrieval_zh["metrics"]) == set(retrieval["metrics"])
+    # Compositional probe: one pair per test image, chance 0.5 for every metric.
+    compositional = metrics["compositional"]
+    assert compositional["n_pairs"] == 16
+    assert {"compositional_accuracy", "compositional_accuracy/colour", "compositional_accuracy/shape",
+            "compositional_accuracy/position"} <= set(compositional["metrics"])
+    assert all(0.0 <= v <= 1.0 for v in compositional["metrics"].values())
+    assert set(compositional["chance"].values()) == {0.5}
+    report_md = (data / "08_reporting" / "report" / "report.md").read_text(encoding="utf-8")
+    assert "retrieval (zh, test)" in report_md and "compositional probe" in report_md
+    # CLIP_benchmark result files, one per task and language.
+    bench = data / "08_reporting" / "clip_benchmark"
+    assert sorted(p.name for p in bench.glob("*.json")) == [
+        "demo-flickr_image_caption_selection_en.json", "demo-flickr_zeroshot_retrieval_en.json",
+        "demo-flickr_zeroshot_retrieval_zh.json", "demo-imagenet_zeroshot_classification_en.json",
+    ]
+    record = json.loads((bench / "demo-flickr_zeroshot_retrieval_zh.json").read_text())
+    assert set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert record["task"] == "zeroshot_retrieval" and record["language"] == "zh"
+    assert record["metrics"] == retrieval_zh["metrics"]
 
     # MLflow: one parent run with a nested run per stage, and a registered model version that embeds.
     client = MlflowClient()

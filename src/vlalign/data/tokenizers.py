@@ -32,7 +32,11 @@ def demo_vocab_path() -> Path:
 def _read_vocab(path: Path) -> dict[str, int]:
     """Read a BERT ``vocab.txt`` (one token per line, line index = id) into a token->id dict."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Split on "\n" only: str.splitlines() would also split on U+2028/U+2029/U+0085, which are
+        # tokens of real vocabularies (cn-clip's Chinese BERT vocab.txt lists U+2028 and U+2029).
+        lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n")]
+        if lines and lines[-1] == "":
+            lines.pop()
     except (OSError, UnicodeDecodeError) as exc:
         raise WeightsNotFoundError(
             f"{path}: cannot read the vocabulary file ({exc}); expected a UTF-8 text file with one "

@@ -269,3 +269,55 @@ def close_leftover_runs() -> int:
         mlflow.end_run()
         ended += 1
     return ended
+
+
+def load_checkpoint_from_uri(uri: str | Path) -> dict[str, Any]:
+    """Load a vlalign checkpoint from a registered model, a run artifact or a local file.
+
+    - ``models:/<name>/<version>``, ``models:/<name>@<alias>`` or ``runs:/<run_id>/model``: a model
+      logged by :func:`register_model`; only its ``checkpoint`` artifact (listed in the pyfunc
+      flavour of its MLmodel file) is downloaded, from the tracking/registry server in
+      ``MLFLOW_TRACKING_URI``.
+    - ``runs:/<run_id>/<path>`` of a raw checkpoint file (e.g. a stage's ``checkpoint/final.pt``), or
+      any other mlflow artifact URI of one: downloaded and loaded.
+    - anything else: a local checkpoint path.
+
+    Raises:
+        CheckpointError: the URI names no model, no file, or not a vlalign checkpoint.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from vlalign.errors import CheckpointError
+    from vlalign.train import load_checkpoint
+
+    text = str(uri).strip()
+    if not text:
+        raise CheckpointError("empty model URI; pass models:/<name>/<version>, runs:/<run_id>/model or a checkpoint path.")
+    if "://" not in text and not text.startswith(("models:/", "runs:/")):
+        return load_checkpoint(Path(text))
+    base = text.rstrip("/")
+    try:
+        try:
+            flavor = mlflow.models.Model.load(base).flavors.get("python_function", {})
+        except (MlflowException, OSError):
+            flavor = None  # not a logged model: an artifact URI of a checkpoint file or folder
+        if flavor is not None:
+            artifact = (flavor.get("artifacts") or {}).get("checkpoint")
+            if not artifact:
+                raise CheckpointError(
+                    f"{text}: the model has no 'checkpoint' artifact; was it logged by vlalign.tracking.mlflow.register_model?"
+                )
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{artifact['path']}"))
+        else:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=base))
+    except MlflowException as exc:
+        raise CheckpointError(
+            f"{text}: cannot be downloaded from MLflow at {mlflow.get_tracking_uri()} ({exc}); check the model "
+            "name and version (or the run id) and MLFLOW_TRACKING_URI."
+        ) from exc
+    if local.is_dir():
+        found = sorted(local.rglob("*.pt"))
+        if len(found) != 1:
+            raise CheckpointError(f"{text}: expected one *.pt checkpoint in the downloaded folder {local}, found {len(found)}.")
+        local = found[0]
+    return load_checkpoint(local)

@@ -1,4 +1,5 @@
-"""Evaluation node: retrieval (multi-caption protocol) and zero-shot classification, beside chance."""
+"""Evaluation nodes: retrieval (multi-caption protocol, per language), zero-shot classification and the
+compositional probe, beside chance; the report and CLIP_benchmark result records."""
 
 from __future__ import annotations
 
@@ -7,59 +8,111 @@ from typing import Any
 
 import pandas as pd
 
+from vlalign.eval.probe import compositional_pairs, compositional_probe
+from vlalign.eval.report import clip_benchmark_record, write_benchmark_report
 from vlalign.eval.run import evaluate_retrieval, evaluate_zero_shot
-from vlalign.eval.report import write_benchmark_report
 from vlalign.tracking.mlflow import log_artifact, log_metrics
 from vlalign.train import model_from_checkpoint
 
 
 SUMMARY_KEYS = ("dataset", "split", "language", "n_images", "n_captions", "n_classes", "n_templates",
-                "metrics", "chance", "ratio_to_chance")
+                "n_pairs", "n_pairs_per_attribute", "metrics", "chance", "ratio_to_chance")
+
+
+def build_probe_pairs(probe_source: dict[str, Any], manifest: pd.DataFrame, params: dict[str, Any]) -> list[list[str]]:
+    """Compositional-probe pairs ``[image_path, true caption, swapped caption, attribute]`` for the validated
+    images of the evaluation split; ``[]`` when the corpus stores no per-image ``attributes`` (real datasets)."""
+    rows = manifest[manifest["split"] == params["split"]]
+    image_paths = {Path(p).name: p for p in rows["image_path"].unique()}
+    probe = params.get("probe") or {}
+    pairs = compositional_pairs(probe_source or {}, image_paths, split=params["split"],
+                                attributes=tuple(probe.get("attributes", ("colour", "shape", "position"))),
+                                seed=int(probe.get("seed", 0)))
+    return [list(pair) for pair in pairs]
 
 
 def evaluate_model(
-    checkpoint: dict[str, Any], manifest: pd.DataFrame, zero_shot_set: dict[str, Any], params: dict[str, Any]
+    checkpoint: dict[str, Any],
+    manifest: pd.DataFrame,
+    zero_shot_set: dict[str, Any],
+    probe_pairs: list[list[str]],
+    params: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return metrics.json (every metric beside its chance level and ratio to chance) and the details
     behind the report (recall@K curves, per-class accuracy, reliability-diagram data)."""
     model = model_from_checkpoint(checkpoint).eval()
-    retrieval = evaluate_retrieval(model, model.config, manifest, split=params["split"], lang=params["lang"],
-                                   batch_size=params["batch_size"], chunk_size=params["chunk_size"])
+    blocks: dict[str, dict[str, Any]] = {}
+    for lang in [params["lang"], *params.get("extra_retrieval_langs", [])]:
+        key = "retrieval" if lang == params["lang"] else f"retrieval_{lang}"
+        blocks[key] = evaluate_retrieval(model, model.config, manifest, split=params["split"], lang=lang,
+                                         batch_size=params["batch_size"], chunk_size=params["chunk_size"])
+        blocks[key]["dataset"] = params["retrieval_dataset"]
     lang = params["zero_shot_lang"]
-    zero_shot = evaluate_zero_shot(model, model.config, zero_shot_set["images"], zero_shot_set["classnames"][lang],
-                                   zero_shot_set["templates"][lang], lang=lang, batch_size=params["batch_size"])
-    retrieval["dataset"], zero_shot["dataset"] = params["retrieval_dataset"], params["zero_shot_dataset"]
-    for block in (retrieval, zero_shot):
+    blocks["zero_shot"] = evaluate_zero_shot(model, model.config, zero_shot_set["images"], zero_shot_set["classnames"][lang],
+                                             zero_shot_set["templates"][lang], lang=lang, batch_size=params["batch_size"])
+    blocks["zero_shot"]["dataset"] = params["zero_shot_dataset"]
+    compositional = compositional_probe(model, model.config, [tuple(p) for p in probe_pairs], params["batch_size"])
+    if compositional:  # skipped on corpora without per-image attributes
+        blocks["compositional"] = {"dataset": params["retrieval_dataset"], "split": params["split"], "language": "en",
+                                   **compositional}
+    for block in blocks.values():
         block["ratio_to_chance"] = {k: v / block["chance"][k] for k, v in block["metrics"].items()
                                     if block["chance"].get(k)}
+    merge = checkpoint.get("merge") or {}
     metrics = {
-        "model": {"merge_beta": (checkpoint.get("merge") or {}).get("beta"), "stage": checkpoint["stage_config"]["name"]},
-        "retrieval": {k: retrieval[k] for k in SUMMARY_KEYS if k in retrieval},
-        "zero_shot": {k: zero_shot[k] for k in SUMMARY_KEYS if k in zero_shot},
+        "model": {"name": checkpoint["model_config"].get("name"), "merge_beta": merge.get("beta"),
+                  "stage": checkpoint["stage_config"]["name"], "source": params.get("model_uri") or "merged_checkpoint"},
+        **{name: {k: block[k] for k in SUMMARY_KEYS if k in block} for name, block in blocks.items()},
     }
-    log_metrics({"test": retrieval["metrics"], "zero_shot": zero_shot["metrics"]})
-    return metrics, {"retrieval": retrieval, "zero_shot": zero_shot}
+    log_metrics({("test" if name == "retrieval" else name): block["metrics"] for name, block in blocks.items()})
+    return metrics, blocks
 
 
 def write_report(details: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
     """Markdown + HTML benchmark report with recall@K curves, reliability diagram and per-class accuracy."""
-    retrieval, zero_shot = details["retrieval"], details["zero_shot"]
-    chance = dict(retrieval["chance"])  # chance at every K of the curve, drawn as dashed lines
-    for direction, values in retrieval["curve_chance"].items():
-        chance.update({f"{direction}@{k}": v for k, v in zip(retrieval["curve"]["k"], values)})
-    sections = {
-        f"{retrieval['dataset']} retrieval ({retrieval['language']}, {retrieval['split']})": {
-            **{k: v for k, v in retrieval.items() if k not in ("curve_chance", "ratio_to_chance")},
-            "chance": chance,
-            "description": "Multi-caption protocol: an image counts as retrieved when any of its captions is "
-            "in the top K; each caption has exactly one correct image. Ties count against the model.",
-        },
-        f"{zero_shot['dataset']} zero-shot ({zero_shot['language']})": {
-            **{k: v for k, v in zero_shot.items() if k != "ratio_to_chance"},
-            "description": f"Prompt-template ensembling over {zero_shot['n_templates']} templates.",
-        },
-    }
+    sections = {}
+    for name, block in details.items():
+        if name.startswith("retrieval"):
+            chance = dict(block["chance"])  # chance at every K of the curve, drawn as dashed lines
+            for direction, values in block["curve_chance"].items():
+                chance.update({f"{direction}@{k}": v for k, v in zip(block["curve"]["k"], values)})
+            sections[f"{block['dataset']} retrieval ({block['language']}, {block['split']})"] = {
+                **{k: v for k, v in block.items() if k not in ("curve_chance", "ratio_to_chance")},
+                "chance": chance,
+                "description": "Multi-caption protocol (Flickr30k/COCO-CN): an image counts as retrieved when any "
+                "of its captions is in the top K; each caption has exactly one correct image. Ties count against "
+                "the model.",
+            }
+        elif name == "zero_shot":
+            sections[f"{block['dataset']} zero-shot ({block['language']})"] = {
+                **{k: v for k, v in block.items() if k != "ratio_to_chance"},
+                "description": f"Prompt-template ensembling over {block['n_templates']} templates.",
+            }
+        elif name == "compositional":
+            per_attribute = ", ".join(f"{a}: {n}" for a, n in block["n_pairs_per_attribute"].items())
+            sections[f"{block['dataset']} compositional probe ({block['split']})"] = {
+                **{k: v for k, v in block.items() if k not in ("ratio_to_chance", "n_pairs_per_attribute")},
+                "pairs per swapped attribute": per_attribute,
+                "description": "Each test image against its true caption and the same caption with one attribute "
+                "(colour, shape or position) swapped: correct when the true caption is strictly more similar. "
+                "Chance is 0.5.",
+            }
     out_dir = Path(params["report_dir"])
     paths = write_benchmark_report(sections, out_dir, title=params.get("report_title", "vlalign benchmark report"))
     log_artifact(out_dir, "report")
     return {name: str(path) for name, path in paths.items()}
+
+
+def clip_benchmark_results(metrics: dict[str, Any], params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One CLIP_benchmark result record per task and language, keyed ``<dataset>_<task>_<language>``."""
+    tasks = {"zero_shot": "zeroshot_classification", "compositional": "image_caption_selection"}
+    model = metrics["model"]
+    records = {}
+    for name, block in metrics.items():
+        task = "zeroshot_retrieval" if name.startswith("retrieval") else tasks.get(name)
+        if task is None:
+            continue
+        record = clip_benchmark_record(block["dataset"], model["name"], task, block["metrics"], block["language"],
+                                       pretrained=model["source"])
+        records[f"{block['dataset']}_{task}_{block['language']}"] = record
+    return records

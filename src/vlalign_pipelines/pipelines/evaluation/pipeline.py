@@ -1,19 +1,28 @@
-"""Evaluation pipeline: the merged model on the test split and the zero-shot set."""
+"""Evaluation pipeline: the merged model on the test split (retrieval per language, compositional probe)
+and the zero-shot set; the report and CLIP_benchmark result files."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
-from .nodes import evaluate_model, write_report
+from .nodes import build_probe_pairs, clip_benchmark_results, evaluate_model, write_report
+
+
+def evaluation_nodes(checkpoint: str, params: str, prefix: str = "") -> list:
+    """The evaluation nodes for ``checkpoint``; outputs and node names get ``prefix`` (``""`` or ``"evaluate."``)."""
+    return [
+        node(build_probe_pairs, inputs=["probe_source", "clean_manifest", params], outputs=f"{prefix}probe_pairs",
+             name=f"{prefix}build_probe_pairs"),
+        node(
+            evaluate_model,
+            inputs=[checkpoint, "clean_manifest", "zero_shot_set", f"{prefix}probe_pairs", params],
+            outputs=[f"{prefix}metrics", f"{prefix}evaluation_details"],
+            name=f"{prefix}evaluate_model",
+        ),
+        node(write_report, inputs=[f"{prefix}evaluation_details", params], outputs=f"{prefix}report_files",
+             name=f"{prefix}write_report"),
+        node(clip_benchmark_results, inputs=[f"{prefix}metrics", params], outputs=f"{prefix}clip_benchmark",
+             name=f"{prefix}clip_benchmark_results"),
+    ]
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return pipeline(
-        [
-            node(
-                evaluate_model,
-                inputs=["merged_checkpoint", "clean_manifest", "zero_shot_set", "params:evaluation"],
-                outputs=["metrics", "evaluation_details"],
-                name="evaluate_model",
-            ),
-            node(write_report, inputs=["evaluation_details", "params:evaluation"], outputs="report_files", name="write_report"),
-        ]
-    )
+    return pipeline(evaluation_nodes("merged_checkpoint", "params:evaluation"))

@@ -21,7 +21,9 @@ from .nodes import train_one_stage
 def stage_names(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
     """Stage names in order, as ``training.stages`` lists them in the project configuration."""
     env = env or os.environ.get("KEDRO_ENV") or "local"
-    loader = OmegaConfigLoader(conf_source=str(conf_source), base_env="base", default_run_env=env)
+    loader = OmegaConfigLoader(
+        conf_source=str(conf_source), base_env="base", default_run_env=env, merge_strategy={"parameters": "soft"}
+    )
     stages = (loader["parameters"].get("training") or {}).get("stages")
     if not stages or not all(isinstance(s, dict) and s.get("name") for s in stages):
         raise ConfigError(

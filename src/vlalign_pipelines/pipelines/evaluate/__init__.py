@@ -1,0 +1,5 @@
+"""The evaluate pipeline: benchmark any registered model version or checkpoint."""
+
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]
