@@ -17,7 +17,7 @@ export MPLBACKEND := Agg
 setup: $(STAMP)
 
 # Re-installs only when pyproject.toml changes. torch comes first so that pip takes the pinned build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
