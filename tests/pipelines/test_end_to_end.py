@@ -7,7 +7,6 @@ layers, checkpoints and MLflow store there, never into the working tree.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -20,35 +19,12 @@ from mlflow.tracking import MlflowClient
 
 from vlalign.train import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def make_project(tmp_path: Path) -> Path:
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
-    shutil.copy(REPO / ".telemetry", project / ".telemetry")
-    shutil.copytree(REPO / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    (project / "src").mkdir()  # kedro wants it; the packages are imported from the installed project
-    return project
 
 
 def run_session(project: Path, pipeline: str | None = None) -> None:
     bootstrap_project(project)
     with KedroSession.create(project_path=project, env="test") as session:
         session.run(pipeline_name=pipeline)
-
-
-@pytest.fixture()
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    project = make_project(tmp_path)
-    monkeypatch.chdir(project)
-    monkeypatch.setenv("KEDRO_ENV", "test")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield project
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ from kedro.framework.startup import bootstrap_project
 
 from vlalign.data.fixtures import make_coco_cn_fixture, make_flickr30k_fixture, make_imagenet_fixture
 
-from test_evaluate_pipeline import make_project, tiny_checkpoint
+from conftest import make_project
+from test_evaluate_pipeline import tiny_checkpoint
 
 
 @pytest.fixture()

@@ -7,7 +7,6 @@ model is a freshly initialised tiny model (no training): the test checks wiring 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -31,17 +30,6 @@ RECORDS = [
 ]
 
 
-def make_project(tmp_path: Path) -> Path:
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
-    shutil.copy(REPO / ".telemetry", project / ".telemetry")
-    shutil.copytree(REPO / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    (project / "src").mkdir()
-    return project
-
-
 def run_evaluate(project: Path, model_uri: str | None) -> None:
     bootstrap_project(project)
     with KedroSession.create(project_path=project, env="test", runtime_params={"model_uri": model_uri}) as session:
@@ -55,17 +43,6 @@ def tiny_checkpoint(path: Path) -> Path:
     ckpt = {"format": FORMAT, "model_config": cfg.to_dict(), "stage_config": StageConfig(name="tiny").to_dict(),
             "model": model.state_dict(), "step": 0, "completed": True}
     return save_checkpoint(ckpt, path)
-
-
-@pytest.fixture()
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    project = make_project(tmp_path)
-    monkeypatch.chdir(project)
-    monkeypatch.setenv("KEDRO_ENV", "test")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield project
-    mlflow.set_tracking_uri(None)
 
 
 def check_outputs(project: Path, source: str) -> dict:
