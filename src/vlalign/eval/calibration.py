@@ -113,7 +113,7 @@ def reliability_diagram(data: dict, path: str | Path, title: str = "Reliability 
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title} (ECE = {data['ece']:.4f})")
+    ax.set_title(f"{title}\nECE = {data['ece']:.4f}", fontsize="medium")
     ax.legend(loc="upper left", fontsize="small")
     ax_count.bar(lefts, data["bin_count"], width=widths, align="edge", color="gray", edgecolor="black")
     ax_count.set_xlabel("confidence")
