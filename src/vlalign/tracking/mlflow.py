@@ -177,8 +177,9 @@ def embed_frame(model: Any, cfg: Any, tokenizer: Any, frame: pd.DataFrame) -> np
     images = frame["image"] if "image" in frame else pd.Series([None] * len(frame))
     transform = build_transform(cfg, train=False)
     out = np.zeros((len(frame), cfg.embed_dim), dtype=np.float32)
-    text_rows = [i for i, t in enumerate(texts) if isinstance(t, str) and t]
-    image_rows = [i for i in range(len(frame)) if i not in set(text_rows)]
+    is_text = [isinstance(t, str) and bool(t) for t in texts]
+    text_rows = [i for i, flag in enumerate(is_text) if flag]
+    image_rows = [i for i, flag in enumerate(is_text) if not flag]
     with torch.no_grad():
         if text_rows:
             batch = tokenize(tokenizer, [texts.iloc[i] for i in text_rows], cfg.text.context_length)
