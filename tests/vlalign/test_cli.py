@@ -1,0 +1,45 @@
+"""The `vlalign` command: each subcommand does its job and prints what it did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlalign.cli import build_parser, main
+from vlalign.models import build_model, get_model_config
+from vlalign.train import StageConfig, save_checkpoint
+from vlalign.train.checkpoint import FORMAT
+
+
+def test_models_lists_every_named_config(capsys: pytest.CaptureFixture) -> None:
+    assert main(["models"]) == 0
+    assert set(capsys.readouterr().out.split()) >= {"tiny-vit-bert", "efficientnet-lite0-minilm"}
+
+
+def test_demo_writes_the_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "demo"
+    config = {"n_train": 4, "n_val": 2, "n_test": 2, "zero_shot_per_class": 1}
+    assert main(["demo", "--root", str(root), "--config", json.dumps(config)]) == 0
+    data = json.loads((root / "flickr_demo" / "dataset_demo.json").read_text())
+    assert len(data["images"]) == 8
+    assert str(root) in capsys.readouterr().out
+
+
+def test_checkpoint_describes_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = get_model_config("tiny-vit-bert")
+    model = build_model(cfg, load_pretrained=False)
+    path = save_checkpoint({"format": FORMAT, "model_config": cfg.to_dict(), "stage_config": StageConfig(name="s").to_dict(),
+                            "model": model.state_dict(), "step": 7, "completed": True}, tmp_path / "c.pt")
+    assert main(["checkpoint", str(path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 7 and summary["stage_config"]["name"] == "s"
+    assert summary["parameters"] == sum(t.numel() for t in model.state_dict().values())
+
+
+def test_help_names_the_subcommands() -> None:
+    text = build_parser().format_help()
+    assert all(name in text for name in ("demo", "models", "checkpoint"))
+    with pytest.raises(SystemExit):
+        main([])
