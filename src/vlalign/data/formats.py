@@ -241,12 +241,7 @@ def load_lines(path: Path, must_contain: str | None = None) -> list[str]:
     prompt templates) every line must contain that text.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetFormatError(f"{path}: file not found; expected a UTF-8 text file with one entry per line.")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as exc:
-        raise DatasetFormatError(f"{path}: not UTF-8 text ({exc}); re-save the file as UTF-8.") from exc
+    lines = [line.strip() for line in _read_text_lines(path, "a UTF-8 text file with one entry per line")]
     while lines and not lines[-1]:
         lines.pop()
     if not lines:

@@ -26,8 +26,7 @@ class BetaSweep:
 
 def merged_checkpoint(ckpt1: dict[str, Any], ckpt2: dict[str, Any], beta: float, names: Sequence[str] = ("theta1", "theta2")) -> dict[str, Any]:
     """A self-describing checkpoint holding beta*theta1 + (1-beta)*theta2 (no optimizer state)."""
-    merged = {k: v for k, v in ckpt1.items() if k not in ("model", "optimizer", "scheduler")}
-    merged = copy.deepcopy(merged)
+    merged = copy.deepcopy({k: v for k, v in ckpt1.items() if k not in ("model", "optimizer", "scheduler")})
     merged["model"] = interpolate_state_dicts(ckpt1["model"], ckpt2["model"], beta, names=tuple(names))
     merged["optimizer"] = None
     merged["scheduler"] = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -40,23 +41,27 @@ def mlflow_metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, float]:
-    """Numeric leaves of a nested dict as ``{"a.b.c": value}`` (non-numeric leaves are skipped)."""
-    flat: dict[str, float] = {}
+def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Leaves of a nested dict as ``{"a.b.c": value}`` (lists are kept as one value)."""
+    flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{sep}{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             flat.update(flatten(value, name, sep))
-        elif isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
-            flat[name] = float(value)
+        else:
+            flat[name] = value
     return flat
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
 
 
 def log_metrics(metrics: Mapping[str, Any], prefix: str = "", step: int | None = None) -> None:
     """Log the numeric leaves of ``metrics`` to the active run (no-op without one)."""
     if mlflow.active_run() is None:
         return
-    flat = {mlflow_metric_name(k): v for k, v in flatten(metrics, prefix).items()}
+    flat = {mlflow_metric_name(k): float(v) for k, v in flatten(metrics, prefix).items() if _is_number(v)}
     if flat:
         mlflow.log_metrics(flat, step=step)
 
@@ -96,7 +101,7 @@ class StageRunLogger:
         run = mlflow.start_run(run_name=self.stage_name, nested=mlflow.active_run() is not None)
         self.run_id = run.info.run_id
         mlflow.set_tag("vlalign.stage", self.stage_name)
-        flat = {k: str(v)[:500] for k, v in flatten_params(self.params).items()}
+        flat = {k: str(v)[:500] for k, v in flatten(self.params).items()}
         if flat:
             mlflow.log_params(flat)
         return self
@@ -124,18 +129,6 @@ class StageRunLogger:
         if exc_type is None and self._last_checkpoint is not None and self._last_checkpoint.exists():
             mlflow.log_artifact(str(self._last_checkpoint), "checkpoint")
         mlflow.end_run(status="FINISHED" if exc_type is None else "FAILED")
-
-
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested parameters as ``{"a.b": value}``; lists are kept as one value."""
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, name))
-        else:
-            flat[name] = value
-    return flat
 
 
 class VLAlignEmbedder(mlflow.pyfunc.PythonModel):
@@ -243,13 +236,30 @@ def png_bytes(image_path: str | Path) -> bytes:
     return buffer.getvalue()
 
 
-def temporary_checkpoint_file(ckpt: dict[str, Any]) -> Path:
-    """Write ``ckpt`` to a temporary file (for logging a checkpoint that lives only in memory)."""
+def register_checkpoint(
+    checkpoint: dict[str, Any],
+    registered_model_name: str,
+    manifest: pd.DataFrame,
+    metrics: Mapping[str, Any],
+    validation_report: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Register an in-memory checkpoint with its lineage (``lineage.json`` + model-version tags).
+
+    The checkpoint and lineage files live in a temporary folder only while MLflow copies them.
+    """
+    from vlalign.tracking.lineage import build_lineage, lineage_tags
     from vlalign.train import save_checkpoint
 
-    path = Path(tempfile.mkdtemp(prefix="vlalign-ckpt-")) / "model.pt"
-    save_checkpoint(ckpt, path)
-    return path
+    with tempfile.TemporaryDirectory(prefix="vlalign-register-") as tmp:
+        path = save_checkpoint(checkpoint, Path(tmp) / "model.pt")
+        lineage = build_lineage(path, manifest, {"merge": checkpoint.get("merge"), "model": checkpoint["model_config"]},
+                                metrics, validation_report, run_id=active_run_id())
+        lineage_file = Path(tmp) / "lineage.json"
+        lineage_file.write_text(json.dumps(lineage, indent=2, default=str))
+        example = png_bytes(manifest["image_path"].iloc[0])
+        record = register_model(path, registered_model_name, example, tags=lineage_tags(lineage),
+                                extra_artifacts={"lineage": lineage_file})
+    return {**record, "lineage": lineage}
 
 
 def active_run_id() -> str | None:
