@@ -100,6 +100,7 @@ class ZeroShotSetDataset(AbstractDataset[None, dict[str, Any]]):
         label_index_base: int = 0,
         label_wnids_file: str | None = None,
         wnids_file: str | None = None,
+        extra_image_roots: list[str] | None = None,
     ) -> None:
         if layout not in ("folder", "flat"):
             raise DatasetError(f"ZeroShotSetDataset: layout={layout!r}; expected 'folder' or 'flat'.")
@@ -112,6 +113,7 @@ class ZeroShotSetDataset(AbstractDataset[None, dict[str, Any]]):
         self._label_index_base = label_index_base
         self._label_wnids_file = label_wnids_file
         self._wnids_file = wnids_file
+        self._extra_image_roots = list(extra_image_roots or [])
         self._classnames = dict(classnames)
         self._templates = dict(templates)
         self._demo_root = demo_root
@@ -126,10 +128,10 @@ class ZeroShotSetDataset(AbstractDataset[None, dict[str, Any]]):
         image_dir = self._root / self._split_dir
         wnids_file = self._resolve(self._wnids_file) if self._wnids_file else None
         if self._layout == "folder":
-            return load_imagefolder(image_dir, wnids_file)
+            return load_imagefolder(image_dir, wnids_file, self._extra_image_roots)
         label_wnids = self._resolve(self._label_wnids_file) if self._label_wnids_file else None
         images = load_imagenet_flat(image_dir, self._resolve(self._labels_file), self._label_index_base,
-                                    label_wnids, wnids_file)
+                                    label_wnids, wnids_file, self._extra_image_roots)
         if wnids_file is not None:
             wnids = load_lines(wnids_file)
         else:
@@ -183,9 +185,11 @@ class CocoCnDataset(AbstractDataset[None, pd.DataFrame]):
         captions_file: str = "imageid.human-written-caption.txt",
         split_files: dict[str, str] | None = None,
         id_prefix: str = "",
+        extra_image_roots: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self._root = root
+        self._extra_image_roots = list(extra_image_roots or [])
         self._image_roots = dict(image_roots) if isinstance(image_roots, dict) else image_roots
         self._splits = list(splits or ["train", "val", "test"])
         self._captions_file = captions_file
@@ -195,7 +199,7 @@ class CocoCnDataset(AbstractDataset[None, pd.DataFrame]):
 
     def load(self) -> pd.DataFrame:
         return load_coco_cn(self._root, self._image_roots, self._splits, self._captions_file,
-                            self._split_files, self._id_prefix)
+                            self._split_files, self._id_prefix, self._extra_image_roots)
 
     def save(self, data: pd.DataFrame) -> None:
         raise DatasetError("CocoCnDataset is read-only: raw corpora are never overwritten.")

@@ -14,15 +14,15 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from vlalign.data.images import ImageAccessError, decode_roots, open_image
 from vlalign.data.tokenizers import tokenize
 from vlalign.data.transforms import ImageTransform
 from vlalign.errors import DatasetFormatError
 
-REQUIRED_COLUMNS = ("image_id", "image_path", "caption", "lang")
+REQUIRED_COLUMNS = ("image_id", "image_path", "image_root", "caption", "lang")
 
 
 class ImageTextDataset(Dataset):
@@ -55,21 +55,18 @@ class ImageTextDataset(Dataset):
         self.caption_rows = [np.asarray(groups[i]) for i in self.image_ids]  # per image: its caption row positions
         sources = first["source"] if "source" in first.columns else first["image_path"]
         self.pixels = torch.stack(
-            [self._decode(path, source) for path, source in zip(first["image_path"], sources)]
+            [self._decode(path, root, source) for path, root, source in zip(first["image_path"], first["image_root"], sources)]
         )  # (N, 3, H, W) uint8
         tokens = tokenize(tokenizer, rows["caption"].tolist(), context_length)
         self.input_ids = tokens["input_ids"]  # (R, L)
         self.attention_mask = tokens["attention_mask"]  # (R, L)
 
-    def _decode(self, path: str, source: str) -> torch.Tensor:
-        """Decode and resize one image to (3, H, W) uint8, naming the manifest row on failure."""
+    def _decode(self, path: str, root: str, source: str) -> torch.Tensor:
+        """Decode and resize one (contained) image to (3, H, W) uint8, naming the manifest row on failure."""
         try:
-            with Image.open(path) as image:
-                return self.transform.prepare(image)
-        except (OSError, ValueError) as exc:
-            raise DatasetFormatError(
-                f"{source}: cannot read image {path} ({exc}); fix the file or drop the row before training."
-            ) from exc
+            return self.transform.prepare(open_image(path, decode_roots(root)))
+        except ImageAccessError as exc:
+            raise DatasetFormatError(f"{source}: {exc} Fix the file or quarantine the row before training.") from exc
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose captions and augmentations ``__getitem__`` draws."""

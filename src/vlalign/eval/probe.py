@@ -31,13 +31,13 @@ PROBE_ATTRIBUTES = ("colour", "shape", "position")
 #: Probability of a correct choice under a random ranking of the two captions.
 PROBE_CHANCE = 0.5
 
-#: One probe item: ``(image_path, true_caption, swapped_caption, attribute)``.
-ProbePair = tuple[str, str, str, str]
+#: One probe item: ``(image_path, true_caption, swapped_caption, attribute, image_root)``.
+ProbePair = tuple[str, str, str, str, str]
 
 
 def compositional_pairs(
     karpathy: Mapping[str, Any],
-    image_paths: Mapping[str, str],
+    image_paths: Mapping[str, tuple[str, str]],
     split: str = "test",
     attributes: Sequence[str] = PROBE_ATTRIBUTES,
     seed: int = 0,
@@ -46,14 +46,15 @@ def compositional_pairs(
 
     Args:
         karpathy: the parsed Karpathy JSON (``{"images": [{"filename", "split", "attributes", ...}]}``).
-        image_paths: file name -> image path; images not in it are skipped (e.g. quarantined ones).
+        image_paths: file name -> (image path, its ``image_root`` value) of the validated images; images not in it
+            are skipped (e.g. quarantined ones).
         split: the Karpathy split to probe.
         attributes: attributes to swap; image number i swaps ``attributes[i % len(attributes)]``, so
             each attribute gets about a third of the images.
         seed: seed of the swapped value and of the wording choices (deterministic pairs).
 
     Returns:
-        ``[(image_path, true_caption, swapped_caption, attribute), ...]``; empty when no entry of
+        ``[(image_path, true_caption, swapped_caption, attribute, image_root), ...]``; empty when no entry of
         ``split`` carries ``attributes`` (a real corpus): the probe does not apply.
     """
     from vlalign.data.demo import swap_attribute_caption  # caption grammar of the built-in dataset
@@ -64,12 +65,12 @@ def compositional_pairs(
     pairs: list[ProbePair] = []
     entries = [e for e in karpathy.get("images", []) if e.get("split") == split and e.get("attributes")]
     for entry in entries:
-        path = image_paths.get(PurePath(entry["filename"]).name)
-        if path is None:
+        found = image_paths.get(PurePath(str(entry.get("filename", ""))).name)
+        if found is None:
             continue
         which = attributes[len(pairs) % len(attributes)]
         true_caption, swapped_caption = swap_attribute_caption(entry["attributes"], which, rng)
-        pairs.append((str(path), true_caption, swapped_caption, which))
+        pairs.append((str(found[0]), true_caption, swapped_caption, which, str(found[1])))
     return pairs
 
 
@@ -118,9 +119,9 @@ def compositional_probe(model: Any, cfg: Any, pairs: Sequence[ProbePair], batch_
 
     if not pairs:
         return {}
-    paths, true_captions, swapped_captions, attributes = (list(column) for column in zip(*pairs))
+    paths, true_captions, swapped_captions, attributes, roots = (list(column) for column in zip(*pairs))
     tokenizer = build_tokenizer_for(cfg)
-    image_emb = embed_images(model, cfg, paths, batch_size=batch_size)  # (P, D)
+    image_emb = embed_images(model, cfg, paths, roots, batch_size=batch_size)  # (P, D)
     true_emb = embed_texts(model, cfg, tokenizer, true_captions, batch_size=batch_size)  # (P, D)
     swapped_emb = embed_texts(model, cfg, tokenizer, swapped_captions, batch_size=batch_size)  # (P, D)
     metrics = compositional_accuracy(image_emb, true_emb, swapped_emb, attributes)

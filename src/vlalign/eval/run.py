@@ -19,8 +19,11 @@ from vlalign.models import CLIPModel, ModelConfig, build_tokenizer_for
 from vlalign.models.inference import embed_images, embed_texts
 
 
-def retrieval_inputs(manifest: pd.DataFrame, split: str, lang: str) -> tuple[list[str], list[str], torch.Tensor]:
-    """Unique image paths, captions, and each caption's image index for one split and language."""
+def retrieval_inputs(
+    manifest: pd.DataFrame, split: str, lang: str
+) -> tuple[list[str], list[str], list[str], torch.Tensor]:
+    """Unique image paths and their allowed roots, captions, and each caption's image index for one split and
+    language."""
     rows = manifest[(manifest["split"] == split) & (manifest["lang"] == lang)]
     if rows.empty:
         raise DatasetFormatError(
@@ -29,9 +32,9 @@ def retrieval_inputs(manifest: pd.DataFrame, split: str, lang: str) -> tuple[lis
         )
     image_ids = list(dict.fromkeys(rows["image_id"]))  # first-seen order, unique
     index = {image_id: i for i, image_id in enumerate(image_ids)}
-    paths = rows.drop_duplicates("image_id").set_index("image_id").loc[image_ids, "image_path"].tolist()
+    firsts = rows.drop_duplicates("image_id").set_index("image_id").loc[image_ids]
     text_to_image = torch.tensor([index[i] for i in rows["image_id"]], dtype=torch.long)  # (M,)
-    return paths, rows["caption"].tolist(), text_to_image
+    return firsts["image_path"].tolist(), firsts["image_root"].tolist(), rows["caption"].tolist(), text_to_image
 
 
 def evaluate_retrieval(
@@ -48,9 +51,9 @@ def evaluate_retrieval(
 
     Also returns the recall@K curve for K = 1..max_k (and its chance curve) for the report's plot.
     """
-    paths, captions, text_to_image = retrieval_inputs(manifest, split, lang)
+    paths, roots, captions, text_to_image = retrieval_inputs(manifest, split, lang)
     tokenizer = build_tokenizer_for(cfg)
-    image_emb = embed_images(model, cfg, paths, batch_size=batch_size)  # (N, D)
+    image_emb = embed_images(model, cfg, paths, roots, batch_size=batch_size)  # (N, D)
     text_emb = embed_texts(model, cfg, tokenizer, captions, batch_size=batch_size)  # (M, D)
     ranks = retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size=chunk_size)
     max_k = min(max_k, len(paths))
@@ -91,7 +94,8 @@ def evaluate_zero_shot(
     prompts = [template.replace("{}", name) for name in classnames for template in templates]
     prompt_emb = embed_texts(model, cfg, tokenizer, prompts, batch_size=batch_size)  # (C*T, D)
     classifier = zero_shot_classifier(prompt_emb.view(len(classnames), len(templates), -1))  # (C, D)
-    image_emb = embed_images(model, cfg, images["image_path"].tolist(), batch_size=batch_size)  # (N, D)
+    image_emb = embed_images(model, cfg, images["image_path"].tolist(), images["image_root"].tolist(),
+                             batch_size=batch_size)  # (N, D)
     logits = image_emb @ classifier.T  # (N, C) cosine similarities
     labels = torch.as_tensor(images["label"].to_numpy(), dtype=torch.long)  # (N,)
     with torch.no_grad():

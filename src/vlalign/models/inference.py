@@ -5,35 +5,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from vlalign.data.images import decode_roots, open_image
 from vlalign.data.tokenizers import tokenize
 from vlalign.data.transforms import build_transform
-from vlalign.errors import DatasetFormatError
 from vlalign.models.clip import CLIPModel
 from vlalign.models.config import ModelConfig
 
 
-def _load_image(path: str) -> Image.Image:
-    """Open one image file, naming it when it is missing or unreadable."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (OSError, ValueError) as exc:
-        raise DatasetFormatError(f"{path}: cannot read the image ({exc}); fix or remove it from the manifest.") from exc
-
-
 @torch.no_grad()
-def embed_images(model: CLIPModel, cfg: ModelConfig, image_paths: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """Unit-length embeddings of the image files, in order: (N, D). Runs in eval mode without gradients."""
+def embed_images(
+    model: CLIPModel, cfg: ModelConfig, image_paths: Sequence[str], image_roots: Sequence[str], batch_size: int = 256
+) -> torch.Tensor:
+    """Unit-length embeddings of the image files, in order: (N, D). Runs in eval mode without gradients.
+
+    ``image_roots[i]`` is the ``image_root`` value (allowed roots) of ``image_paths[i]``: an image is read only when
+    it resolves inside them (:func:`vlalign.data.images.open_image`).
+    """
+    if len(image_roots) != len(image_paths):
+        raise ValueError(f"embed_images: {len(image_paths)} paths but {len(image_roots)} image_roots; give one per path.")
     transform = build_transform(cfg, train=False)
     was_training = model.training
     model.eval()
     chunks = []
     for start in range(0, len(image_paths), batch_size):
-        pixels = torch.stack([transform(_load_image(p)) for p in image_paths[start : start + batch_size]])  # (b, 3, H, W)
+        window = zip(image_paths[start : start + batch_size], image_roots[start : start + batch_size])
+        pixels = torch.stack([transform(open_image(p, decode_roots(r))) for p, r in window])  # (b, 3, H, W)
         chunks.append(model.encode_image(pixels))  # (b, D)
     model.train(was_training)
     return torch.cat(chunks) if chunks else torch.zeros(0, cfg.embed_dim)  # (N, D)

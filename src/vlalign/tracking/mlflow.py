@@ -11,7 +11,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import mlflow
 import numpy as np
@@ -227,12 +227,14 @@ def register_model(
     }
 
 
-def png_bytes(image_path: str | Path) -> bytes:
-    """The image at ``image_path`` re-encoded as PNG bytes (an input example for the signature)."""
-    from PIL import Image
+def png_bytes(image_path: str | Path, image_root: str | Sequence[str]) -> bytes:
+    """The image at ``image_path`` (read only inside ``image_root``: an ``image_root`` column value or a list of
+    folders) re-encoded as PNG bytes (an input example for the signature)."""
+    from vlalign.data.images import decode_roots, open_image, resolve_roots
 
+    roots = decode_roots(image_root) if isinstance(image_root, str) else resolve_roots(image_root)
     buffer = io.BytesIO()
-    Image.open(image_path).convert("RGB").save(buffer, format="PNG")
+    open_image(str(image_path), roots).convert("RGB").save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -256,7 +258,7 @@ def register_checkpoint(
                                 metrics, validation_report, run_id=active_run_id())
         lineage_file = Path(tmp) / "lineage.json"
         lineage_file.write_text(json.dumps(lineage, indent=2, default=str))
-        example = png_bytes(manifest["image_path"].iloc[0])
+        example = png_bytes(manifest["image_path"].iloc[0], manifest["image_root"].iloc[0])
         record = register_model(path, registered_model_name, example, tags=lineage_tags(lineage),
                                 extra_artifacts={"lineage": lineage_file})
     return {**record, "lineage": lineage}

@@ -10,6 +10,9 @@ Data Docs HTML there.
 Expectations (names as they appear in ``failed_expectations`` and in the report):
 
 ===============================  ====================================================================
+``entry_well_formed``            the loader read the entry without a fault (``load_error`` is null:
+                                 no missing or wrong-typed field, no repeated id); a row that fails it
+                                 is quarantined for that reason only, and its image is never opened
 ``image_id_not_null``            ``image_id`` is present (likewise ``image_path``, ``caption``,
                                  ``split``, ``lang``: ``<column>_not_null``)
 ``split_known``                  ``split`` is train / val / test
@@ -22,13 +25,23 @@ Expectations (names as they appear in ``failed_expectations`` and in the report)
 ``caption_min_words_en``         English captions have at least ``min_words_en`` words
 ``caption_min_han_chars_zh``     Chinese captions have at least ``min_chars_zh`` Han characters
 ``caption_no_bad_characters``    no U+FFFD replacement character and no control character (Unicode Cc)
+``image_inside_root``            the image path resolves (symlinks followed, ``..`` collapsed) inside the
+                                 row's allowed image roots (``image_root``); otherwise it is never opened
+``image_regular_file``           the contained path is a regular file, not a FIFO, device or folder
 ``image_exists``                 the image file exists
-``image_decodes``                PIL can verify and fully load it
+``image_max_pixels``             its header declares at most ``max_image_pixels`` pixels (checked before
+                                 any pixel is decoded)
+``image_decodes``                PIL can verify and fully load it (decompression-bomb guard on)
 ``image_min_side``               width and height are at least ``min_image_size`` pixels
 ===============================  ====================================================================
 
 Each rule checks one thing: a row with a missing image fails ``image_exists`` only (its decode and
-size columns are null, which GX map expectations skip), a null caption fails ``caption_not_null`` only.
+size columns are null, which GX map expectations skip), a null caption fails ``caption_not_null`` only, and an
+image outside its roots fails ``image_inside_root`` only (nothing after it looks at the file).
+
+The report counts what came in and where it went, so nothing is lost without a trace: ``counts.rows`` (input =
+clean + quarantined) and ``counts.entries`` (an entry is one image record of the source file: input = clean +
+partly quarantined + quarantined).
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from vlalign.data.images import DEFAULT_MAX_PIXELS, decode_roots, inspect_image
 from vlalign.errors import ConfigError, DatasetFormatError, ValidationFailedError
 from vlalign.validation.quarantine import ValidationResult, enforce_threshold, split_rows
 
@@ -58,7 +72,9 @@ __all__ = [
 ]
 
 #: Manifest columns that validation reads; all must be present.
-REQUIRED_COLUMNS = ("image_id", "image_path", "caption", "caption_id", "split", "lang", "source")
+REQUIRED_COLUMNS = ("image_id", "image_path", "caption", "caption_id", "split", "lang", "source", "image_root")
+#: Optional manifest columns and the value a missing one takes (``entry`` defaults to ``source``).
+OPTIONAL_COLUMNS = ("entry", "load_error")
 #: Columns that must not be null (one expectation each).
 NOT_NULL_COLUMNS = ("image_id", "image_path", "caption", "split", "lang")
 #: How held-out each split is; an image shared by splits is kept only in the most held-out one.
@@ -85,7 +101,9 @@ class ValidationConfig:
     #                        about what 3 English words do
     min_image_size: int = 32  # minimum image width and height, in pixels
     max_rejected_fraction: float = 0.05  # enforce_threshold fails when more than this fraction of rows is quarantined
-    check_images: bool = True  # open every image (exists / decodes / min size); False skips those three expectations
+    check_images: bool = True  # open every image (exists / decodes / size); False skips the file expectations
+    #                          (containment is always checked: it never opens anything)
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # images whose header declares more pixels are quarantined undecoded
     image_workers: int = 4  # threads that open images (each unique file is opened once)
 
     def validate(self) -> None:
@@ -96,6 +114,7 @@ class ValidationConfig:
             ("min_image_size", self.min_image_size >= 1, "an integer >= 1"),
             ("max_rejected_fraction", 0.0 <= self.max_rejected_fraction <= 1.0, "a fraction in [0, 1]"),
             ("image_workers", self.image_workers >= 1, "an integer >= 1"),
+            ("max_image_pixels", self.max_image_pixels >= 1, "an integer >= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -118,6 +137,15 @@ def _rules(config: ValidationConfig) -> list[_Rule]:
         return cls(meta={"vlalign_name": name}, notes=notes, **kwargs)
 
     rules = [
+        _Rule(
+            "entry_well_formed",
+            gx(gxe.ExpectColumnValuesToBeNull, "entry_well_formed",
+               "The loader read the entry without a fault (no missing or wrong-typed field, no repeated id).",
+               column="load_error"),
+            lambda row: f"malformed entry: {row['load_error']}",
+        ),
+    ]
+    rules += [
         _Rule(
             f"{col}_not_null",
             gx(gxe.ExpectColumnValuesToNotBeNull, f"{col}_not_null", f"Every row has a {col}.", column=col),
@@ -187,13 +215,40 @@ def _rules(config: ValidationConfig) -> list[_Rule]:
             ),
         ),
     ]
+    rules.append(
+        _Rule(
+            "image_inside_root",
+            gx(gxe.ExpectColumnValuesToBeInSet, "image_inside_root",
+               "The image path resolves inside the corpus's declared image roots; others are never opened.",
+               column="image_inside_root", value_set=[True]),
+            lambda row: str(row["image_problem"]),
+        )
+    )
     if config.check_images:
         rules += [
+            _Rule(
+                "image_regular_file",
+                gx(gxe.ExpectColumnValuesToBeInSet, "image_regular_file",
+                   "The image is a regular file (not a FIFO, device or folder).",
+                   column="image_regular_file", value_set=[True]),
+                lambda row: str(row["image_problem"]),
+            ),
             _Rule(
                 "image_exists",
                 gx(gxe.ExpectColumnValuesToBeInSet, "image_exists", "The image file exists.",
                    column="image_exists", value_set=[True]),
                 lambda row: f"image file {row['image_path']} does not exist",
+            ),
+            _Rule(
+                "image_max_pixels",
+                gx(gxe.ExpectColumnValuesToBeBetween, "image_max_pixels",
+                   f"Images declare at most {config.max_image_pixels:,} pixels (checked before decoding).",
+                   column="image_pixels", max_value=config.max_image_pixels),
+                lambda row: (
+                    f"image {row['image_path']} is {int(row['image_width'])}x{int(row['image_height'])} = "
+                    f"{int(row['image_pixels']):,} pixels, more than max_image_pixels={config.max_image_pixels:,}; "
+                    "it was not decoded"
+                ),
             ),
             _Rule(
                 "image_decodes",
@@ -225,36 +280,33 @@ def expectation_names(config: ValidationConfig | None = None) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _inspect_image(path: str) -> tuple[bool, bool | None, int | None, int | None, str | None]:
-    """Return ``(exists, decodes, width, height, error)``; decode fields are None when the file is absent."""
-    if not os.path.isfile(path):
-        return False, None, None, None, None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.verify()  # checks structure and checksums without decoding pixels
-            with Image.open(path) as image:
-                image.load()  # decodes every pixel: catches truncated data that verify misses
-                width, height = image.size
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad files
-        return True, False, None, None, f"{type(exc).__name__}: {exc}"
-    return True, True, width, height, None
+#: Helper columns of the image checks (``image_<key>`` of :func:`vlalign.data.images.inspect_image`'s result).
+IMAGE_COLUMNS = ("image_inside_root", "image_regular_file", "image_exists", "image_decodes", "image_width",
+                 "image_height", "image_pixels", "image_error", "image_problem")
 
 
-def _image_columns(paths: pd.Series, workers: int) -> pd.DataFrame:
-    """Per-row image checks; each distinct path is opened once."""
-    unique = list(pd.unique(paths.dropna()))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        found = dict(zip(unique, pool.map(_inspect_image, unique)))
-    table = pd.DataFrame.from_dict(
-        found, orient="index", columns=["image_exists", "image_decodes", "image_width", "image_height", "image_error"]
-    )
+def image_columns(paths: pd.Series, roots: pd.Series, skip: pd.Series, config: ValidationConfig) -> pd.DataFrame:
+    """Per-row image checks (:data:`IMAGE_COLUMNS`); each distinct (path, roots) pair is inspected once, rows
+    where ``skip`` is true are not inspected at all (all null)."""
+    keys = list(zip(paths.to_numpy(), roots.to_numpy()))
+    todo = list(dict.fromkeys(k for k, s in zip(keys, skip.to_numpy()) if not s))
+
+    def inspect(key: tuple[str, str]) -> dict:
+        return inspect_image(key[0], decode_roots(key[1]), config.max_image_pixels, open_files=config.check_images)
+
+    with ThreadPoolExecutor(max_workers=config.image_workers) as pool:
+        found = dict(zip(todo, pool.map(inspect, todo)))
+    empty = dict.fromkeys(IMAGE_COLUMNS)
+    rows = [({f"image_{k}": v for k, v in found[key].items()} if not s else empty) for key, s in zip(keys, skip)]
+    table = pd.DataFrame(rows, columns=list(IMAGE_COLUMNS))
     # object columns so that "not checked" stays None (skipped by GX) instead of becoming False / NaN casts
-    table = table.astype({"image_exists": object, "image_decodes": object})
-    rows = table.reindex(paths.to_numpy()).reset_index(drop=True)
-    rows["image_min_side"] = np.fmin(rows["image_width"].astype(float), rows["image_height"].astype(float))
-    return rows
+    for col in ("image_inside_root", "image_regular_file", "image_exists", "image_decodes"):
+        table[col] = table[col].astype(object)
+    for col in ("image_width", "image_height", "image_pixels"):
+        table[col] = table[col].astype(float)
+    table["image_min_side"] = np.fmin(table["image_width"], table["image_height"]).where(
+        table["image_decodes"] == True)  # noqa: E712 - object column of True/False/None
+    return table
 
 
 def _duplicate_id_columns(frame: pd.DataFrame, real_path: pd.Series) -> pd.DataFrame:
@@ -326,6 +378,8 @@ def _check_input(manifest: pd.DataFrame) -> None:
         )
     for col in NOT_NULL_COLUMNS:
         values = manifest[col]
+        if "load_error" in manifest.columns:
+            values = values.where(manifest["load_error"].isna())
         wrong = values.notna() & ~values.map(lambda v: isinstance(v, str))
         if wrong.any():
             i = int(np.flatnonzero(wrong.to_numpy())[0])
@@ -336,21 +390,65 @@ def _check_input(manifest: pd.DataFrame) -> None:
             )
 
 
+def with_optional_columns(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest with :data:`OPTIONAL_COLUMNS` added when absent (``entry`` = ``source``, no load errors)."""
+    manifest = manifest.reset_index(drop=True)
+    if "entry" not in manifest.columns:
+        manifest = manifest.assign(entry=manifest["source"])
+    if "load_error" not in manifest.columns:
+        manifest = manifest.assign(load_error=pd.Series([None] * len(manifest), dtype=object))
+    return manifest
+
+
 def add_helper_columns(manifest: pd.DataFrame, config: ValidationConfig) -> pd.DataFrame:
-    """Return a copy of ``manifest`` (reset to positions 0..n-1) with the computed columns the suite checks."""
+    """Return a copy of ``manifest`` (reset to positions 0..n-1) with the computed columns the suite checks.
+
+    Rows with a ``load_error`` get null helper columns (null values are skipped by GX map expectations), so they
+    fail ``entry_well_formed`` alone and their image is never looked at.
+    """
     frame = manifest.reset_index(drop=True).copy()
     frame[_ROW] = np.arange(len(frame))
+    malformed = frame["load_error"].notna()
     unique_paths = pd.unique(frame["image_path"].dropna())
     real = {p: os.path.realpath(p) for p in unique_paths}
-    real_path = frame["image_path"].map(real)
+    real_path = frame["image_path"].map(real).where(~malformed)
+    usable = frame.where(~malformed)
     parts = [
-        _duplicate_id_columns(frame, real_path),
-        _split_conflict_columns(frame, real_path),
-        _caption_columns(frame),
+        _duplicate_id_columns(usable, real_path),
+        _split_conflict_columns(usable, real_path),
+        _caption_columns(usable),
+        image_columns(frame["image_path"], frame["image_root"], malformed | frame["image_path"].isna(), config),
     ]
-    if config.check_images:
-        parts.append(_image_columns(frame["image_path"], config.image_workers))
     return pd.concat([frame] + parts, axis=1)
+
+
+def accounting(manifest: pd.DataFrame, quarantined_rows: set[int]) -> dict[str, dict[str, int]]:
+    """What came in and where it went: ``rows`` (input = clean + quarantined) and ``entries`` (one per image record
+    of a source file; input = clean + partly_quarantined + quarantined), so nothing is lost without a trace."""
+    bad = np.zeros(len(manifest), dtype=bool)
+    bad[sorted(quarantined_rows)] = True
+    per_entry = pd.Series(bad, index=manifest.index).groupby(manifest["entry"].to_numpy(), sort=False).agg(["all", "any"])
+    rows = {"input": int(len(manifest)), "clean": int((~bad).sum()), "quarantined": int(bad.sum())}
+    entries = {
+        "input": int(len(per_entry)),
+        "clean": int((~per_entry["any"]).sum()),
+        "partly_quarantined": int((per_entry["any"] & ~per_entry["all"]).sum()),
+        "quarantined": int(per_entry["all"].sum()),
+    }
+    return {"rows": rows, "entries": entries}
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A short human summary of a validation report (printed by the pipeline, logged to MLflow)."""
+    rows, entries = report["counts"]["rows"], report["counts"]["entries"]
+    lines = [
+        f"validation: {rows['input']} rows = {rows['clean']} clean + {rows['quarantined']} quarantined; "
+        f"{entries['input']} entries = {entries['clean']} clean + {entries['partly_quarantined']} partly "
+        f"quarantined + {entries['quarantined']} quarantined",
+    ]
+    lines += [f"  {name}: {info['unexpected_count']} rows" for name, info in report["expectations"].items()
+              if info["unexpected_count"]]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +503,73 @@ def _run_checkpoint(frame: pd.DataFrame, rules: list[_Rule], suite_name: str, da
     return suite_result
 
 
+def _run_suite(
+    table: pd.DataFrame, frame: pd.DataFrame, rules: list[_Rule], config: ValidationConfig,
+    data_docs_dir: Path | None, suite_name: str,
+) -> ValidationResult:
+    """Run ``rules`` over the helper ``frame`` of ``table``, map each failure back to its row, and split ``table``
+    into clean and quarantined rows with a report (see :func:`validate_manifest`)."""
+    by_name = {rule.name: rule for rule in rules}
+    suite_result = _run_checkpoint(frame, rules, suite_name, data_docs_dir)
+    malformed = frame["load_error"].notna().to_numpy()
+
+    failed: dict[int, list[str]] = {}
+    reasons: dict[int, list[str]] = {}
+    expectations: dict[str, dict] = {}
+    for result in suite_result.results:
+        name = result.expectation_config.meta["vlalign_name"]
+        info = result.result or {}
+        if result.exception_info.get("raised_exception"):
+            raise ValidationFailedError(
+                f"expectation {name} could not be evaluated: {result.exception_info.get('exception_message')}. "
+                "This is a bug in the suite or an unexpected column type in the table; please report it."
+            )
+        rows = [int(entry[_ROW]) for entry in info.get("unexpected_index_list", [])]
+        if len(rows) != int(info.get("unexpected_count", 0)):
+            raise ValidationFailedError(
+                f"expectation {name}: GX reported {info.get('unexpected_count')} unexpected rows but listed "
+                f"{len(rows)}; cannot map failures back to rows. Please report this."
+            )
+        if name != "entry_well_formed":  # a malformed entry is quarantined for that reason alone
+            rows = [i for i in rows if not malformed[i]]
+        for i in rows:
+            failed.setdefault(i, []).append(name)
+            reasons.setdefault(i, []).append(by_name[name].explain(frame.iloc[i]))
+        expectations[name] = {
+            "success": not rows,
+            "unexpected_count": len(rows),
+            "unexpected_percent": 100.0 * len(rows) / max(1, len(table)),
+            "type": result.expectation_config.type,
+            "column": result.expectation_config.kwargs.get("column"),
+        }
+    # keep the report in suite order and the per-row names in suite order
+    order = {rule.name: k for k, rule in enumerate(rules)}
+    expectations = dict(sorted(expectations.items(), key=lambda item: order[item[0]]))
+    for i in failed:
+        pairs = sorted(zip(failed[i], reasons[i]), key=lambda pair: order[pair[0]])
+        failed[i], reasons[i] = [p[0] for p in pairs], [p[1] for p in pairs]
+
+    clean, quarantine = split_rows(table, failed, reasons)
+    n_rows = len(table)
+    rejected = len(quarantine) / n_rows if n_rows else 0.0
+    index_html = Path(data_docs_dir).absolute() / "index.html" if data_docs_dir is not None else None
+    report = {
+        "suite_name": suite_name,
+        "success": not failed,
+        "n_rows": n_rows,
+        "n_clean": len(clean),
+        "n_quarantined": len(quarantine),
+        "rejected_fraction": rejected,
+        "max_rejected_fraction": config.max_rejected_fraction,
+        "within_threshold": rejected <= config.max_rejected_fraction,
+        "counts": accounting(table, set(failed)),
+        "expectations": expectations,
+        "statistics": {k: (float(v) if v is not None else None) for k, v in suite_result.statistics.items()},
+        "data_docs_index": str(index_html) if index_html is not None else None,
+    }
+    return ValidationResult(clean=clean, quarantine=quarantine, report=report, success=not failed)
+
+
 def validate_manifest(
     manifest: pd.DataFrame,
     config: ValidationConfig | None = None,
@@ -421,68 +586,45 @@ def validate_manifest(
 
     Returns a :class:`~vlalign.validation.quarantine.ValidationResult`; ``report`` holds, per
     expectation, ``success``, ``unexpected_count``, ``unexpected_percent``, the GX type and column, plus
-    ``n_rows``, ``n_clean``, ``n_quarantined``, ``rejected_fraction``, the GX ``statistics`` and
-    ``data_docs_index``. It never raises for bad rows; use
+    ``n_rows``, ``n_clean``, ``n_quarantined``, ``rejected_fraction``, ``counts`` (rows and entries: input =
+    clean + quarantined), the GX ``statistics`` and ``data_docs_index``. It never raises for bad rows; use
     :func:`~vlalign.validation.quarantine.enforce_threshold` for that.
     """
     config = config or ValidationConfig()
     config.validate()
     _check_input(manifest)
-    rules = _rules(config)
-    frame = add_helper_columns(manifest, config)
-    by_name = {rule.name: rule for rule in rules}
+    manifest = with_optional_columns(manifest)
+    return _run_suite(manifest, add_helper_columns(manifest, config), _rules(config), config, data_docs_dir,
+                      suite_name)
 
-    suite_result = _run_checkpoint(frame, rules, suite_name, data_docs_dir)
 
-    failed: dict[int, list[str]] = {}
-    reasons: dict[int, list[str]] = {}
-    expectations: dict[str, dict] = {}
-    for result in suite_result.results:
-        name = result.expectation_config.meta["vlalign_name"]
-        info = result.result or {}
-        if result.exception_info.get("raised_exception"):
-            raise ValidationFailedError(
-                f"expectation {name} could not be evaluated: {result.exception_info.get('exception_message')}. "
-                "This is a bug in the suite or an unexpected column type in the manifest; please report it."
-            )
-        rows = [int(entry[_ROW]) for entry in info.get("unexpected_index_list", [])]
-        if len(rows) != int(info.get("unexpected_count", 0)):
-            raise ValidationFailedError(
-                f"expectation {name}: GX reported {info.get('unexpected_count')} unexpected rows but listed "
-                f"{len(rows)}; cannot map failures back to rows. Please report this."
-            )
-        for i in rows:
-            failed.setdefault(i, []).append(name)
-            reasons.setdefault(i, []).append(by_name[name].explain(frame.iloc[i]))
-        expectations[name] = {
-            "success": bool(result.success),
-            "unexpected_count": len(rows),
-            "unexpected_percent": float(info.get("unexpected_percent") or 0.0),
-            "type": result.expectation_config.type,
-            "column": result.expectation_config.kwargs.get("column"),
-        }
-    # keep the report in suite order and the per-row names in suite order
-    order = {rule.name: k for k, rule in enumerate(rules)}
-    expectations = dict(sorted(expectations.items(), key=lambda item: order[item[0]]))
-    for i in failed:
-        pairs = sorted(zip(failed[i], reasons[i]), key=lambda pair: order[pair[0]])
-        failed[i], reasons[i] = [p[0] for p in pairs], [p[1] for p in pairs]
+#: The expectations an image table (a zero-shot classification set) is checked with.
+IMAGE_TABLE_RULES = ("entry_well_formed", "image_inside_root", "image_regular_file", "image_exists",
+                     "image_max_pixels", "image_decodes")
 
-    clean, quarantine = split_rows(manifest.reset_index(drop=True), failed, reasons)
-    n_rows = len(manifest)
-    rejected = len(quarantine) / n_rows if n_rows else 0.0
-    index_html = Path(data_docs_dir).absolute() / "index.html" if data_docs_dir is not None else None
-    report = {
-        "suite_name": suite_name,
-        "success": bool(suite_result.success),
-        "n_rows": n_rows,
-        "n_clean": len(clean),
-        "n_quarantined": len(quarantine),
-        "rejected_fraction": rejected,
-        "max_rejected_fraction": config.max_rejected_fraction,
-        "within_threshold": rejected <= config.max_rejected_fraction,
-        "expectations": expectations,
-        "statistics": {k: (float(v) if v is not None else None) for k, v in suite_result.statistics.items()},
-        "data_docs_index": str(index_html) if index_html is not None else None,
-    }
-    return ValidationResult(clean=clean, quarantine=quarantine, report=report, success=bool(suite_result.success))
+
+def validate_image_table(
+    table: pd.DataFrame, config: ValidationConfig | None = None, suite_name: str = "vlalign_image_table"
+) -> ValidationResult:
+    """Validate a classification image table (:data:`vlalign.data.formats.IMAGE_TABLE_COLUMNS`, e.g. a zero-shot
+    set) with the entry and image expectations (:data:`IMAGE_TABLE_RULES`); same result shape as
+    :func:`validate_manifest`. The clean table's ``label`` column is int."""
+    config = config or ValidationConfig()
+    config.validate()
+    missing = [c for c in ("image_path", "label", "image_root") if c not in table.columns]
+    if missing:
+        raise DatasetFormatError(f"image table lacks columns {missing}; build it with vlalign.data.formats loaders.")
+    table = table.reset_index(drop=True)
+    if "entry" not in table.columns:
+        table = table.assign(entry=table["image_path"])
+    if "load_error" not in table.columns:
+        table = table.assign(load_error=pd.Series([None] * len(table), dtype=object))
+    frame = table.copy()
+    frame[_ROW] = np.arange(len(frame))
+    malformed = frame["load_error"].notna()
+    frame = pd.concat([frame, image_columns(frame["image_path"], frame["image_root"],
+                                            malformed | frame["image_path"].isna(), config)], axis=1)
+    rules = [rule for rule in _rules(config) if rule.name in IMAGE_TABLE_RULES]
+    result = _run_suite(table, frame, rules, config, None, suite_name)
+    result.clean["label"] = result.clean["label"].astype(int)
+    return result

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from vlalign.data.fixtures import make_coco_cn_fixture, make_flickr30k_fixture, make_imagenet_fixture
-from vlalign.data.formats import MANIFEST_COLUMNS, load_coco_cn, load_imagefolder, load_imagenet_flat, load_karpathy
+from vlalign.data.formats import _NOT_COCO_ID, MANIFEST_COLUMNS, load_coco_cn, load_imagefolder, load_imagenet_flat, load_karpathy
 from vlalign.errors import ConfigError, DatasetFormatError
 
 
@@ -61,33 +62,38 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "old, new, match",
+    "old, new, reason",
     [
-        ("COCO_val2014_000000290833#0\t", "COCO_val2014_000000290833#0 ", r"imageid\.human-written-caption\.txt: line \d+: .*not '<image_id>#<n><TAB><caption>'"),
-        ("COCO_val2014_000000290833#1\t", "COCO_val2014_000000290833\t", r"line \d+: .*not '<image_id>#<n><TAB>"),
-        ("COCO_val2014_000000290833#1\t", "COCO_val2014_000000290833#0\t", r"line \d+: caption id 'COCO_val2014_000000290833#0' repeats line"),
-        ("COCO_val2014_000000290833#0\t", "COCO_foo_290833#0\t", r"human-written-caption\.txt: line \d+: 'COCO_foo_290833' is not an MS-COCO 2014 image id"),
+        ("COCO_val2014_000000290833#0\t", "COCO_val2014_000000290833#0 ", r"line \d+: .*is not '<image_id>#<n><TAB><caption>'"),
+        ("COCO_val2014_000000290833#1\t", "COCO_val2014_000000290833\t", r"line \d+: .*is not '<image_id>#<n><TAB><caption>'"),
+        ("COCO_val2014_000000290833#1\t", "COCO_val2014_000000290833#0\t", r"caption id 'COCO_val2014_000000290833#0' repeats imageid\.human-written-caption\.txt:\d+"),
+        ("COCO_val2014_000000290833#0\t", "COCO_foo_290833#0\t", r"line \d+: .*COCO_foo_290833.*COCO 2014 image id"),
     ],
 )
-def test_coco_cn_malformed_caption_lines(tmp_path, old, new, match):
+def test_coco_cn_malformed_caption_lines_are_quarantined(tmp_path, old, new, reason):
     fx = make_coco_cn_fixture(tmp_path / "coco_cn")
     _edit(fx["captions_file"], old, new)
-    with pytest.raises(DatasetFormatError, match=match):
-        load_coco_cn(fx["root"], fx["image_roots"])
+    manifest = load_coco_cn(fx["root"], fx["image_roots"])
+    bad = manifest[manifest["load_error"].notna()]
+    assert len(bad) == 1 and bad["load_error"].str.contains(reason).all(), bad["load_error"].tolist()
+    assert bad["source"].iloc[0].startswith("imageid.human-written-caption.txt:")
+    assert manifest["load_error"].isna().sum() == len(manifest) - 1
 
 
-def test_coco_cn_split_list_errors(tmp_path):
+def test_coco_cn_split_list_entries_are_quarantined(tmp_path):
     fx = make_coco_cn_fixture(tmp_path / "coco_cn")
     test_list = fx["root"] / "coco-cn_test.txt"
     _edit(test_list, "COCO_val2014_000000000164", "COCO_val2014_000000000042")  # also in train
-    with pytest.raises(DatasetFormatError, match=r"coco-cn_test\.txt: line 3: image COCO_val2014_000000000042 is already listed in .*coco-cn_train\.txt line 3"):
-        load_coco_cn(fx["root"], fx["image_roots"])
+    errors = load_coco_cn(fx["root"], fx["image_roots"]).set_index("source")["load_error"]
+    assert errors["coco-cn_test.txt:3"] == ("image COCO_val2014_000000000042 is already listed at coco-cn_train.txt:3 "
+                                            "(split 'train'); expected each image in one split")
     _edit(test_list, "COCO_val2014_000000000042", "COCO_val2014_000000555555")  # no caption
-    with pytest.raises(DatasetFormatError, match=r"coco-cn_test\.txt: line 3: image COCO_val2014_000000555555 has no caption"):
-        load_coco_cn(fx["root"], fx["image_roots"])
+    errors = load_coco_cn(fx["root"], fx["image_roots"]).set_index("source")["load_error"]
+    assert errors["coco-cn_test.txt:3"].startswith("image COCO_val2014_000000555555 (coco-cn_test.txt:3) has no caption")
     _edit(test_list, "COCO_val2014_000000555555", "290833.png")
-    with pytest.raises(DatasetFormatError, match=r"coco-cn_test\.txt: line 3: '290833\.png' is not an MS-COCO 2014 image id"):
-        load_coco_cn(fx["root"], fx["image_roots"])
+    errors = load_coco_cn(fx["root"], fx["image_roots"]).set_index("source")["load_error"]
+    assert errors["coco-cn_test.txt:3"] == "line 3: '290833.png' " + _NOT_COCO_ID
+    assert errors.notna().sum() == 1
 
 
 def test_coco_cn_missing_files(tmp_path):
@@ -99,7 +105,7 @@ def test_coco_cn_missing_files(tmp_path):
     assert set(manifest["split"]) == {"train", "test"}
     with pytest.raises(DatasetFormatError, match=r"no-such\.txt: file not found"):
         load_coco_cn(fx["root"], fx["image_roots"], splits=("test",), captions_file="no-such.txt")
-    with pytest.raises(DatasetFormatError, match=r"elsewhere/val2014: MS-COCO image folder val2014 not found \(needed for COCO_val2014_000000290833"):
+    with pytest.raises(DatasetFormatError, match=r"elsewhere/train2014: MS-COCO image folder train2014 not found \(needed for COCO_train2014_000000000138"):
         load_coco_cn(fx["root"], tmp_path / "elsewhere", splits=("test",))
     with pytest.raises(ConfigError, match="splits"):
         load_coco_cn(fx["root"], fx["image_roots"], splits=("restval",))
@@ -147,13 +153,18 @@ def test_imagenet_flat_errors(tmp_path):
     with pytest.raises(DatasetFormatError, match=r"val_labels\.txt: 5 labels for 6 image files"):
         load_imagenet_flat(fx["image_dir"], txt)
     txt.write_text("\n".join(lines[:2] + ["cat"] + lines[3:]) + "\n")
-    with pytest.raises(DatasetFormatError, match=r"val_labels\.txt: line 3: label 'cat' is not an integer"):
-        load_imagenet_flat(fx["image_dir"], txt)
-    with pytest.raises(DatasetFormatError, match=r"ILSVRC2012_validation_ground_truth\.txt: line \d+: label 3 is out of range; expected 0\.\.2"):
-        load_imagenet_flat(fx["image_dir"], fx["ground_truth"], index_base=0, label_wnids_file=fx["devkit_wnids"])
+    table = load_imagenet_flat(fx["image_dir"], txt)
+    assert table["load_error"].tolist()[2] == "val_labels.txt line 3: label is 'cat'; expected one integer"
+    assert table["load_error"].notna().sum() == 1 and pd.isna(table["label"].iloc[2])
+    table = load_imagenet_flat(fx["image_dir"], fx["ground_truth"], index_base=0, label_wnids_file=fx["devkit_wnids"])
+    assert table["load_error"].str.contains(r"ILSVRC2012_validation_ground_truth\.txt line \d+: label 3 is out of range; "
+                                            r"expected 0\.\.2").sum() == 2
     csv_file.write_text(csv_file.read_text().replace("ILSVRC2012_val_00000002.JPEG", "ILSVRC2012_val_00000099.JPEG"))
-    with pytest.raises(DatasetFormatError, match=r"val_labels\.csv: line 3: image 'ILSVRC2012_val_00000099\.JPEG' not found"):
-        load_imagenet_flat(fx["image_dir"], csv_file)
+    table = load_imagenet_flat(fx["image_dir"], csv_file).set_index("entry")["load_error"]
+    assert table["val/ILSVRC2012_val_00000099.JPEG"] == (
+        f"val_labels.csv line 3: image 'ILSVRC2012_val_00000099.JPEG' not found in {fx['image_dir']}; "
+        "expected a file name of that folder")
+    assert table["val/ILSVRC2012_val_00000002.JPEG"] == "image ILSVRC2012_val_00000002.JPEG has no 'filename,label' row in val_labels.csv"
     csv_file.write_text("name,cls\n")
     with pytest.raises(DatasetFormatError, match=r"val_labels\.csv: line 1 .*'filename,label'"):
         load_imagenet_flat(fx["image_dir"], csv_file)

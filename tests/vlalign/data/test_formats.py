@@ -7,10 +7,13 @@ import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from vlalign.data.demo import DemoConfig, generate_demo_dataset
-from vlalign.data.formats import MANIFEST_COLUMNS, load_corpus, load_imagefolder, load_karpathy, load_lines
+from vlalign.data.formats import (
+    IMAGE_TABLE_COLUMNS, MANIFEST_COLUMNS, load_corpus, load_csv_manifest, load_imagefolder, load_karpathy, load_lines,
+)
 from vlalign.errors import ConfigError, DatasetFormatError
 
 TINY = DemoConfig(n_train=12, n_val=4, n_test=4, zero_shot_per_class=2)
@@ -47,7 +50,10 @@ def test_load_karpathy_demo(flickr):
     assert first["source"] == "dataset_demo.json:images[0].sentences[0]"
     assert os.path.isabs(first["image_path"]) and Path(first["image_path"]).is_file()
     assert manifest["split"].value_counts().to_dict() == {"train": 60, "val": 20, "test": 20}
-    assert all(isinstance(v, str) for col in MANIFEST_COLUMNS for v in manifest[col])
+    assert manifest["load_error"].isna().all()
+    assert first["entry"] == "dataset_demo.json:images[0]"
+    assert first["image_root"] == os.path.realpath(flickr / "images")
+    assert all(isinstance(v, str) for col in MANIFEST_COLUMNS if col != "load_error" for v in manifest[col])
 
 
 def test_load_corpus_combines_languages(flickr):
@@ -59,8 +65,9 @@ def test_load_corpus_combines_languages(flickr):
 
 def test_load_corpus_needs_id_prefix_for_overlapping_corpora(flickr):
     twice = _sources(flickr)[:1] * 2
-    with pytest.raises(DatasetFormatError, match="id_prefix"):
-        load_corpus(twice)
+    clash = load_corpus(twice)  # the second copy's caption ids repeat the first's: quarantined, not merged
+    assert clash["load_error"].iloc[:100].isna().all()
+    assert clash["load_error"].iloc[100:].str.contains(r"repeats dataset_demo\.json:images\[\d+\]\.sentences.*id_prefix").all()
     twice[1] = {**twice[1], "id_prefix": "copy:"}
     manifest = load_corpus(twice)
     assert "copy:0" in set(manifest["image_id"]) and "en:copy:0" in set(manifest["caption_id"])
@@ -102,31 +109,53 @@ def _break(data: dict, how: str) -> dict | list | str:
         image["sentences"][2]["sentid"] = data["images"][0]["sentences"][0]["sentid"]
     elif how == "imgid_mismatch":
         image["sentences"][2]["imgid"] = 999
+    elif how == "raw_number":
+        image["sentences"][2]["raw"] = 42
+    elif how == "duplicate_imgid":
+        image["imgid"] = 0
+        for sentence in image["sentences"]:
+            sentence["imgid"] = 0
     return data
 
 
 @pytest.mark.parametrize(
-    "how, field",
+    "how, field, rows",
     [
-        ("top_level_list", '"images" list'),
-        ("no_filename", "images[1].filename"),
-        ("bad_imgid", "images[1].imgid"),
-        ("bad_split", "images[1].split"),
-        ("no_sentences", "images[1].sentences"),
-        ("no_raw", "images[1].sentences[2].raw"),
-        ("raw_not_text", "images[1].sentences[2].raw"),
-        ("no_sentid", "images[1].sentences[2].sentid"),
-        ("duplicate_sentid", "images[0].sentences[0]"),
-        ("imgid_mismatch", "images[1].sentences[2].imgid"),
+        ("no_filename", "images[1].filename is missing; expected a non-empty string", "entry"),
+        ("bad_imgid", "images[1].imgid is 1.5; expected an integer image id", "entry"),
+        ("bad_split", "images[1].split is 'dev'; expected one of", "entry"),
+        ("no_sentences", "images[1].sentences is []; expected a non-empty list", "entry"),
+        ("no_raw", "images[1].sentences[2].raw is missing; expected a string (the caption)", "caption"),
+        ("raw_not_text", "images[1].sentences[2].raw is None; expected a string (the caption)", "caption"),
+        ("raw_number", "images[1].sentences[2].raw is 42; expected a string (the caption)", "caption"),
+        ("no_sentid", "images[1].sentences[2].sentid is missing; expected an integer sentence id", "caption"),
+        ("duplicate_sentid", "images[1].sentences[2].sentid=0 repeats the sentid of images[0].sentences[0]", "caption"),
+        ("imgid_mismatch", "images[1].sentences[2].imgid is 999; expected 1 (the imgid of its image)", "caption"),
+        ("duplicate_imgid", "images[1].imgid=0 repeats the imgid of images[0] (000000.png)", "entry"),
     ],
 )
-def test_malformed_karpathy_names_path_and_field(flickr, tmp_path, how, field):
+def test_malformed_entry_is_quarantined_not_fatal(flickr, tmp_path, how, field, rows):
+    """A malformed entry or sentence gets a load error naming the field and what was expected; the rest loads."""
     data = json.loads((flickr / "dataset_demo.json").read_text(encoding="utf-8"))
     path = _write(tmp_path / "broken.json", _break(data, how))
-    with pytest.raises(DatasetFormatError) as info:
+    manifest = load_karpathy(path, flickr / "images")
+    bad = manifest[manifest["load_error"].notna()]
+    assert bad["load_error"].str.contains(field, regex=False).all(), bad["load_error"].tolist()
+    assert set(bad["entry"]) == {"broken.json:images[1]"}
+    if rows == "caption":
+        assert bad["source"].tolist() == ["broken.json:images[1].sentences[2]"]
+    else:  # the whole entry: every caption row (or one row when it has no usable sentence list)
+        assert len(bad) == (1 if how == "no_sentences" else 5)
+    good = manifest[manifest["load_error"].isna()]
+    assert len(good) == len(manifest) - len(bad) and good["entry"].nunique() >= 19
+    assert good["caption"].map(lambda c: isinstance(c, str)).all()
+
+
+def test_top_level_shape_is_a_file_error(flickr, tmp_path):
+    data = json.loads((flickr / "dataset_demo.json").read_text(encoding="utf-8"))
+    path = _write(tmp_path / "list.json", data["images"])
+    with pytest.raises(DatasetFormatError, match=r'list\.json: top level is list; expected an object with an "images" list'):
         load_karpathy(path, flickr / "images")
-    message = str(info.value)
-    assert str(path) in message and field in message and "expected" in message
 
 
 def test_missing_or_corrupt_files(flickr, tmp_path):
@@ -145,7 +174,8 @@ def test_missing_or_corrupt_files(flickr, tmp_path):
 def test_load_imagefolder(imagenet):
     table, wnids = load_imagefolder(imagenet / "val")
     assert wnids == load_lines(imagenet / "wnids.txt")
-    assert list(table.columns) == ["image_path", "label", "wnid"]
+    assert list(table.columns) == list(IMAGE_TABLE_COLUMNS)
+    assert table["load_error"].isna().all() and (table["image_root"] == os.path.realpath(imagenet / "val")).all()
     assert len(table) == len(wnids) * TINY.zero_shot_per_class
     assert (table["wnid"].map({w: i for i, w in enumerate(wnids)}) == table["label"]).all()
     assert table["label"].is_monotonic_increasing and Path(table["image_path"].iloc[0]).is_file()
@@ -186,3 +216,23 @@ def test_load_lines(tmp_path):
     path.write_text("\n\n", encoding="utf-8")
     with pytest.raises(DatasetFormatError, match="empty"):
         load_lines(path)
+
+
+def test_csv_corpus_quarantines_bad_lines(flickr, tmp_path):
+    path = tmp_path / "corpus.csv"
+    path.write_text(
+        "image_id,image,caption,split\n"
+        "1,000000.png,a red circle on the left,train\n"
+        "2,000001.png,,train\n"                 # no caption
+        "3,000002.png,a blue square,dev\n"      # unknown split
+        "4,../../../etc/hostname,a file outside,train\n",  # climbs out: loads, validation quarantines it
+        encoding="utf-8",
+    )
+    manifest = load_csv_manifest(path, flickr / "images")
+    assert pd.isna(manifest["load_error"].iloc[0])
+    assert "column caption is empty" in manifest["load_error"].iloc[1]
+    assert "split is 'dev'; expected one of" in manifest["load_error"].iloc[2]
+    assert pd.isna(manifest["load_error"].iloc[3]) and manifest["entry"].iloc[3] == "corpus.csv:5"
+    with pytest.raises(DatasetFormatError, match=r"corpus\.csv: line 1 lacks column\(s\) \['split'\]"):
+        path.write_text("image_id,image,caption\n1,a.png,x\n", encoding="utf-8")
+        load_csv_manifest(path, flickr / "images")

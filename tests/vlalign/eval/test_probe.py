@@ -46,12 +46,13 @@ def _karpathy() -> dict:
 
 
 def test_pairs_differ_in_exactly_the_swapped_attribute() -> None:
-    paths = {f"{i:06d}.png": f"/img/{i:06d}.png" for i in range(6)}
+    paths = {f"{i:06d}.png": (f"/img/{i:06d}.png", "/img") for i in range(6)}
     del paths["000002.png"]  # e.g. quarantined: skipped
     pairs = compositional_pairs(_karpathy(), paths, split="test", seed=0)
     assert [p[0] for p in pairs] == ["/img/000000.png", "/img/000001.png", "/img/000003.png"]
     assert [p[3] for p in pairs] == ["colour", "shape", "position"]
-    for _, true, swapped, which in pairs:
+    assert {p[4] for p in pairs} == {"/img"}
+    for _, true, swapped, which, _ in pairs:
         assert true != swapped
         assert len(true.split()) == len(swapped.split()) or which == "position"
     colour_true, colour_swapped = pairs[0][1], pairs[0][2]
@@ -61,6 +62,6 @@ def test_pairs_differ_in_exactly_the_swapped_attribute() -> None:
 
 def test_corpus_without_attributes_gives_no_pairs_and_the_probe_is_skipped() -> None:
     karpathy = {"images": [{"filename": "a.jpg", "split": "test", "sentences": []}]}
-    assert compositional_pairs(karpathy, {"a.jpg": "/a.jpg"}) == []
+    assert compositional_pairs(karpathy, {"a.jpg": ("/a.jpg", "/")}) == []
     assert compositional_pairs({}, {}) == []
     assert compositional_probe(model=None, cfg=None, pairs=[]) == {}

@@ -182,7 +182,7 @@ def test_embed_images_and_texts(tmp_path) -> None:
     for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.new("RGB", (32, 32), colour).save(paths[-1])
-    images = embed_images(model, cfg, paths, batch_size=2)
+    images = embed_images(model, cfg, paths, [str(tmp_path.resolve())] * 3, batch_size=2)
     texts = embed_texts(model, cfg, build_tokenizer_for(cfg), ["a red square", "a green square", "blue", "x"], batch_size=3)
     assert images.shape == (3, 16) and texts.shape == (4, 16)
     assert torch.allclose(images.norm(dim=-1), torch.ones(3), atol=1e-5)

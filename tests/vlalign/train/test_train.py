@@ -48,7 +48,7 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
         for k, (lang, caption) in enumerate(captions):
             rows.append(
                 {"image_id": str(index), "image_path": str(path), "caption": caption, "caption_id": f"{lang}:{index}{k}",
-                 "split": "train", "lang": lang, "source": f"test:{index}:{k}"}
+                 "split": "train", "lang": lang, "source": f"test:{index}:{k}", "image_root": str(root.resolve())}
             )
     rows += [
         dict(rows[0], split="test", image_id="t0", caption_id="en:t0"),

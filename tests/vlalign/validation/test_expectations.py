@@ -2,11 +2,14 @@
 
 Each expectation gets a manifest built from a tiny generated demo dataset with exactly one bad row
 of its kind; the test checks that this row, and only it, is quarantined, naming that expectation.
+The bad image files lie inside the corpus's image folder (so that only the rule under test fails), except
+for the containment cases, which point outside it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -34,14 +37,31 @@ def manifest(flickr) -> pd.DataFrame:
     ])
 
 
+#: The suite's config in these tests: a small pixel budget so that a 400x400 image is "too large".
+CONFIG = ValidationConfig(max_image_pixels=100_000)
+
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, flickr) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("bad_images")
+    folder = flickr / "images" / "bad"  # inside the corpus's image root
+    folder.mkdir()
     good = (flickr / "images" / "000000.png").read_bytes()
     (folder / "truncated.png").write_bytes(good[: len(good) // 2])
     (folder / "text.png").write_text("not an image")
     Image.new("RGB", (64, 16), (255, 0, 0)).save(folder / "thin.png")
-    return {name: str(folder / f"{name}.png") for name in ("truncated", "text", "thin")}
+    Image.new("RGB", (400, 400), (0, 0, 255)).save(folder / "large.png")
+    big = (folder / "large.png").read_bytes()
+    (folder / "large_truncated.png").write_bytes(big[: len(big) // 2])  # would fail to decode, were it decoded
+    os.mkfifo(folder / "fifo.png")
+    (folder / "dir.png").mkdir()
+    outside = tmp_path_factory.mktemp("outside")  # a valid image outside the corpus, and a link to it inside
+    (outside / "elsewhere.png").write_bytes(good)
+    (folder / "link.png").symlink_to(outside / "elsewhere.png")
+    files = {name: str(folder / f"{name}.png") for name in
+             ("truncated", "text", "thin", "large", "large_truncated", "fifo", "dir", "link")}
+    files["absolute"] = str(outside / "elsewhere.png")
+    files["climbs"] = str(flickr / "images" / ".." / ".." / ".." / outside.name / "elsewhere.png")
+    return files
 
 
 def _row(manifest: pd.DataFrame, lang: str, split: str, sentence: int = 2) -> int:
@@ -61,7 +81,9 @@ def _mutate(manifest: pd.DataFrame, kind: str, bad_files: dict[str, str], tmp_pa
     """Introduce one bad row of ``kind`` in place; return its position."""
     m = manifest
     i = _row(m, "en", "train")
-    if kind.endswith("_not_null"):
+    if kind == "entry_well_formed":
+        m.loc[i, "load_error"] = "images[3].imgid is 1.5; expected an integer image id"
+    elif kind.endswith("_not_null"):
         m.loc[i, kind.removesuffix("_not_null")] = None
     elif kind == "split_known":
         m.loc[i, "split"] = "dev"
@@ -80,8 +102,14 @@ def _mutate(manifest: pd.DataFrame, kind: str, bad_files: dict[str, str], tmp_pa
         m.loc[i, "caption"] = "红色。"
     elif kind == "caption_no_bad_characters":
         m.loc[i, "caption"] = m.loc[i, "caption"] + "\x07"
+    elif kind == "image_inside_root":
+        _with_new_image(m, i, bad_files["link"])  # a link inside the image folder to a valid image outside
+    elif kind == "image_regular_file":
+        _with_new_image(m, i, bad_files["fifo"])
+    elif kind == "image_max_pixels":
+        _with_new_image(m, i, bad_files["large_truncated"])
     elif kind == "image_exists":
-        _with_new_image(m, i, str(tmp_path / "missing.png"))
+        _with_new_image(m, i, str(Path(bad_files["thin"]).parent / "missing.png"))
     elif kind == "image_decodes":
         _with_new_image(m, i, bad_files["truncated"])
     elif kind == "image_min_side":
@@ -92,7 +120,7 @@ def _mutate(manifest: pd.DataFrame, kind: str, bad_files: dict[str, str], tmp_pa
 
 
 def test_clean_manifest_passes(manifest, tmp_path):
-    result = validate_manifest(manifest)
+    result = validate_manifest(manifest, CONFIG)
     assert result.success and result.quarantine.empty
     assert result.clean.equals(manifest)
     report = result.report
@@ -100,6 +128,8 @@ def test_clean_manifest_passes(manifest, tmp_path):
     assert report["rejected_fraction"] == 0.0 and report["within_threshold"]
     assert list(report["expectations"]) == expectation_names()
     assert report["statistics"]["evaluated_expectations"] == len(expectation_names())
+    assert report["counts"] == {"rows": {"input": 140, "clean": 140, "quarantined": 0},
+                                "entries": {"input": 40, "clean": 40, "partly_quarantined": 0, "quarantined": 0}}
     assert all(e["success"] and e["unexpected_count"] == 0 for e in report["expectations"].values())
     json.dumps(report)  # the report can be saved as a JSON metrics/artifact file
     enforce_threshold(result, 0.0, str(tmp_path / "q.csv"))  # nothing rejected: no error
@@ -109,7 +139,7 @@ def test_clean_manifest_passes(manifest, tmp_path):
 def test_each_expectation_quarantines_exactly_its_bad_row(manifest, bad_files, tmp_path, kind):
     bad = manifest.copy()
     i = _mutate(bad, kind, bad_files, tmp_path)
-    result = validate_manifest(bad)
+    result = validate_manifest(bad, CONFIG)
     q = result.quarantine
     assert q["caption_id"].tolist() == [bad.loc[i, "caption_id"]]
     assert q["failed_expectations"].tolist() == [kind]
@@ -130,7 +160,7 @@ def test_reasons_are_specific(manifest, bad_files, tmp_path):
     bad.loc[j, "caption"] = "bad\ufffd caption here"
     k = _row(bad, "en", "train", sentence=3)
     _with_new_image(bad, k, bad_files["text"])
-    q = validate_manifest(bad).quarantine.set_index("caption_id")["reason"]
+    q = validate_manifest(bad, CONFIG).quarantine.set_index("caption_id")["reason"]
     assert q[bad.loc[rows["image_min_side"], "caption_id"]].endswith("is 64x16 px, smaller than 32 px on a side")
     assert q[bad.loc[j, "caption_id"]] == "caption contains U+FFFD"
     assert "does not decode (UnidentifiedImageError" in q[bad.loc[k, "caption_id"]]
@@ -140,7 +170,7 @@ def test_row_failing_several_expectations_lists_them_all(manifest, tmp_path):
     bad = manifest.copy()
     i = _row(bad, "en", "train")
     bad.loc[i, "caption"] = "red\x00"
-    _with_new_image(bad, i, str(tmp_path / "missing.png"))
+    _with_new_image(bad, i, str(Path(manifest["image_path"].iloc[0]).parent / "missing.png"))
     q = validate_manifest(bad).quarantine
     assert q["failed_expectations"].tolist() == ["caption_min_words_en;caption_no_bad_characters;image_exists"]
     assert q["reason"].iloc[0].count("; ") == 2
@@ -184,16 +214,59 @@ def test_data_docs_are_written(manifest, tmp_path):
     assert list((docs / "validations").rglob("*.html"))
 
 
-def test_check_images_false_skips_image_expectations(manifest, tmp_path):
+def test_check_images_false_skips_image_expectations(manifest, bad_files):
     bad = manifest.copy()
-    _with_new_image(bad, 0, str(tmp_path / "missing.png"))
+    _with_new_image(bad, 0, str(Path(bad_files["thin"]).parent / "missing.png"))
+    _with_new_image(bad, 7, bad_files["link"])
+    bad.loc[7, "image_id"] = "new-image-2"
     config = ValidationConfig(check_images=False)
     result = validate_manifest(bad, config)
-    assert result.quarantine.empty
-    assert not {"image_exists", "image_decodes", "image_min_side"} & set(result.report["expectations"])
+    # containment never opens a file, so it is checked even then
+    assert result.quarantine["failed_expectations"].tolist() == ["image_inside_root"]
+    assert not {"image_exists", "image_decodes", "image_min_side", "image_regular_file", "image_max_pixels"} & set(
+        result.report["expectations"])
+
+
+@pytest.mark.parametrize("which", ["link", "absolute", "climbs"])
+def test_images_outside_the_root_are_refused_unopened(manifest, bad_files, which, monkeypatch):
+    """An absolute path, a path that climbs out with '..', and a link inside the folder to a valid image outside:
+    each is quarantined naming the path and the root, and is never opened."""
+    import vlalign.data.images as images
+
+    opened = []
+    real_open = images.open_regular_file
+    monkeypatch.setattr(images, "open_regular_file", lambda path: opened.append(path) or real_open(path))
+    bad = manifest.copy()
+    i = _row(bad, "en", "train")
+    _with_new_image(bad, i, bad_files[which])
+    result = validate_manifest(bad, CONFIG)
+    q = result.quarantine
+    assert q["failed_expectations"].tolist() == ["image_inside_root"]
+    reason = q["reason"].iloc[0]
+    root = os.path.realpath(Path(manifest["image_path"].iloc[0]).parent)
+    assert bad_files[which] in reason and root in reason and "outside the image root" in reason
+    assert not any("elsewhere" in path for path in opened)
+    assert bad.loc[i, "caption_id"] not in set(result.clean["caption_id"])
+
+
+def test_non_regular_and_oversized_images_are_not_read(manifest, bad_files):
+    bad = manifest.copy()
+    rows = {}
+    for k, name in enumerate(("fifo", "dir", "large", "large_truncated")):
+        rows[name] = _row(bad, "en", "train", sentence=k)
+        bad.loc[rows[name], "image_id"] = f"new-{name}"
+        bad.loc[rows[name], "image_path"] = bad_files[name]
+    q = validate_manifest(bad, CONFIG).quarantine.set_index("image_id")
+    assert q.loc["new-fifo", "reason"].endswith("is a FIFO, not a regular file; it is never opened")
+    assert q.loc["new-dir", "reason"].endswith("is a directory, not a regular file; it is never opened")
+    for name in ("large", "large_truncated"):  # the truncated one would fail to decode: it was never decoded
+        assert q.loc[f"new-{name}", "failed_expectations"] == "image_max_pixels"
+        assert "400x400 = 160,000 pixels, more than max_image_pixels=100,000" in q.loc[f"new-{name}", "reason"]
 
 
 def test_bad_manifest_shape_is_an_error(manifest):
+    with pytest.raises(DatasetFormatError, match=r"lacks columns \['image_root'\]"):
+        validate_manifest(manifest.drop(columns=["image_root"]))
     with pytest.raises(DatasetFormatError, match=r"lacks columns \['lang'\]"):
         validate_manifest(manifest.drop(columns=["lang"]))
     typed = manifest.copy()

@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from vlalign.data.formats import AUTO, resolve_lang, resolve_langs
+from vlalign.errors import ConfigError
 from vlalign.eval.probe import compositional_pairs, compositional_probe
 from vlalign.eval.report import clip_benchmark_record, write_benchmark_report
 from vlalign.eval.run import evaluate_retrieval, evaluate_zero_shot
@@ -20,10 +22,11 @@ SUMMARY_KEYS = ("dataset", "split", "language", "n_images", "n_captions", "n_cla
 
 
 def build_probe_pairs(probe_source: dict[str, Any], manifest: pd.DataFrame, params: dict[str, Any]) -> list[list[str]]:
-    """Compositional-probe pairs ``[image_path, true caption, swapped caption, attribute]`` for the validated
-    images of the evaluation split; ``[]`` when the corpus stores no per-image ``attributes`` (real datasets)."""
-    rows = manifest[manifest["split"] == params["split"]]
-    image_paths = {Path(p).name: p for p in rows["image_path"].unique()}
+    """Compositional-probe pairs ``[image_path, true caption, swapped caption, attribute, image_root]`` for the
+    validated images of the evaluation split; ``[]`` when the corpus stores no per-image ``attributes`` (real
+    datasets)."""
+    rows = manifest[manifest["split"] == params["split"]].drop_duplicates("image_path")
+    image_paths = {Path(p).name: (p, r) for p, r in zip(rows["image_path"], rows["image_root"])}
     probe = params.get("probe") or {}
     pairs = compositional_pairs(probe_source or {}, image_paths, split=params["split"],
                                 attributes=tuple(probe.get("attributes", ("colour", "shape", "position"))),
@@ -42,12 +45,18 @@ def evaluate_model(
     behind the report (recall@K curves, per-class accuracy, reliability-diagram data)."""
     model = model_from_checkpoint(checkpoint).eval()
     blocks: dict[str, dict[str, Any]] = {}
-    for lang in [params["lang"], *params.get("extra_retrieval_langs", [])]:
-        key = "retrieval" if lang == params["lang"] else f"retrieval_{lang}"
+    primary = resolve_lang(params["lang"], manifest, params["split"], "evaluation.lang")
+    extra = resolve_langs(params.get("extra_retrieval_langs", []), manifest, params["split"], exclude=[primary])
+    for lang in [primary, *extra]:
+        key = "retrieval" if lang == primary else f"retrieval_{lang}"
         blocks[key] = evaluate_retrieval(model, model.config, manifest, split=params["split"], lang=lang,
                                          batch_size=params["batch_size"], chunk_size=params["chunk_size"])
         blocks[key]["dataset"] = params["retrieval_dataset"]
-    lang = params["zero_shot_lang"]
+    lang = primary if params["zero_shot_lang"] == AUTO else params["zero_shot_lang"]
+    if lang not in zero_shot_set["classnames"] or lang not in zero_shot_set["templates"]:
+        raise ConfigError(f"evaluation.zero_shot_lang={lang!r}: the zero-shot set has class names in "
+                          f"{sorted(zero_shot_set['classnames'])} and templates in {sorted(zero_shot_set['templates'])}; "
+                          "add that language to the zero_shot_set catalog entry or set zero_shot_lang.")
     blocks["zero_shot"] = evaluate_zero_shot(model, model.config, zero_shot_set["images"], zero_shot_set["classnames"][lang],
                                              zero_shot_set["templates"][lang], lang=lang, batch_size=params["batch_size"])
     blocks["zero_shot"]["dataset"] = params["zero_shot_dataset"]

@@ -3,17 +3,22 @@ and the zero-shot set; the report and CLIP_benchmark result files."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
+from vlalign_pipelines.pipelines.validation.nodes import validate_zero_shot_set
+
 from .nodes import build_probe_pairs, clip_benchmark_results, evaluate_model, write_report
 
 
 def evaluation_nodes(checkpoint: str, params: str, prefix: str = "") -> list:
     """The evaluation nodes for ``checkpoint``; outputs and node names get ``prefix`` (``""`` or ``"evaluate."``)."""
     return [
+        node(validate_zero_shot_set, inputs=["zero_shot_set", "params:validation"],
+             outputs=[f"{prefix}zero_shot_clean_set", f"{prefix}zero_shot_quarantine"],
+             name=f"{prefix}validate_zero_shot_set"),
         node(build_probe_pairs, inputs=["probe_source", "clean_manifest", params], outputs=f"{prefix}probe_pairs",
              name=f"{prefix}build_probe_pairs"),
         node(
             evaluate_model,
-            inputs=[checkpoint, "clean_manifest", "zero_shot_set", f"{prefix}probe_pairs", params],
+            inputs=[checkpoint, "clean_manifest", f"{prefix}zero_shot_clean_set", f"{prefix}probe_pairs", params],
             outputs=[f"{prefix}metrics", f"{prefix}evaluation_details"],
             name=f"{prefix}evaluate_model",
         ),

@@ -6,6 +6,7 @@ from typing import Any
 
 import pandas as pd
 
+from vlalign.data.formats import resolve_lang
 from vlalign.eval.run import evaluate_retrieval
 from vlalign.merge.sweep import sweep_beta
 from vlalign.tracking.mlflow import log_metrics
@@ -17,10 +18,11 @@ def merge_stage_checkpoints(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sweep beta on the validation split, keep the best merged checkpoint and the sweep's scores."""
     metric = params["metric"]
+    lang = resolve_lang(params["lang"], manifest, params["split"], "merge.lang")
 
     def score(candidate: dict[str, Any]) -> float:
         model = model_from_checkpoint(candidate).eval()
-        result = evaluate_retrieval(model, model.config, manifest, split=params["split"], lang=params["lang"])
+        result = evaluate_retrieval(model, model.config, manifest, split=params["split"], lang=lang)
         return result["metrics"][metric]
 
     names = (theta1["stage_config"]["name"], theta2["stage_config"]["name"])
@@ -28,6 +30,6 @@ def merge_stage_checkpoints(
     for row in sweep.scores:
         log_metrics({f"merge.val_{metric}": row["score"]}, step=int(round(row["beta"] * 100)))
     log_metrics({"merge.best_beta": sweep.best_beta, f"merge.best_val_{metric}": sweep.best_score})
-    report = {"theta1": names[0], "theta2": names[1], "metric": metric, "split": params["split"],
+    report = {"theta1": names[0], "theta2": names[1], "metric": metric, "split": params["split"], "lang": lang,
               "best_beta": sweep.best_beta, "best_score": sweep.best_score, "scores": sweep.scores}
     return merged, report

@@ -6,6 +6,7 @@ from typing import Any
 
 import pandas as pd
 
+from vlalign.data.formats import AUTO, resolve_langs
 from vlalign.models import get_model_config
 from vlalign.tracking.mlflow import StageRunLogger
 from vlalign.train import CheckpointStore, StageConfig, train_stage
@@ -36,6 +37,8 @@ def train_one_stage(
 ) -> dict[str, Any]:
     """Train one stage from the previous stage's checkpoint (or from scratch) and return its final checkpoint."""
     model_cfg = get_model_config(model["name"], **model.get("overrides", {}))
-    stage = StageConfig.from_dict(stage_params(training, stage_name))
+    params = dict(stage_params(training, stage_name))
+    params["caption_langs"] = resolve_langs(params.get("caption_langs", AUTO), manifest, "train")
+    stage = StageConfig.from_dict(params)
     with StageRunLogger(stage.name, params={"model": model_cfg.to_dict(), "stage": stage.to_dict()}) as logger:
         return train_stage(model_cfg, stage, manifest, init_checkpoint, store, callbacks=[logger])
