@@ -1,7 +1,8 @@
 """Dual-encoder models built from named configs (see INTERFACES §5)."""
 
 from vlalign.data.transforms import build_transform
-from vlalign.models.clip import CLIPModel, build_model
+from vlalign.models.clip import CLIPModel
+from vlalign.models.registry import build_model, list_archs, mark_never_trainable, register_arch
 from vlalign.models.config import ImageTowerConfig, ModelConfig, TextTowerConfig, get_model_config, list_models
 from vlalign.models.towers import build_tokenizer_for
 
@@ -11,6 +12,9 @@ __all__ = [
     "ModelConfig",
     "TextTowerConfig",
     "build_model",
+    "list_archs",
+    "mark_never_trainable",
+    "register_arch",
     "build_tokenizer_for",
     "build_transform",
     "get_model_config",

@@ -1,4 +1,4 @@
-"""CLIP-style dual encoder: towers, linear projections into a shared space, learnable temperature."""
+"""CLIP-style dual encoder (arch ``dual``): towers, linear projections into a shared space, learnable temperature."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlalign.models.config import ModelConfig
-from vlalign.models.towers import build_image_tower, build_text_tower, build_tokenizer_for
+from vlalign.models.registry import build_model, register_arch
+from vlalign.models.towers import build_image_tower, build_text_tower, image_tower_outputs
+
+__all__ = ["CLIPModel", "build_model"]
 
 
 class CLIPModel(nn.Module):
     """Image tower + text tower + projections + ``logit_scale`` (parameter prefixes per INTERFACES §5).
 
-    Parameters are named ``image_tower.*``, ``text_tower.*``, ``image_proj.*``, ``text_proj.*`` and
-    ``logit_scale``; training stages freeze or train them by these prefixes.
+    Parameters are named ``image_tower.*``, ``text_tower.*``, ``image_proj.*``, ``text_proj.*``, ``logit_scale``
+    (and ``logit_bias`` when ``init_logit_bias`` is set); training stages freeze or train them by these prefixes.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, load_pretrained: bool = True) -> None:
@@ -28,10 +31,16 @@ class CLIPModel(nn.Module):
         self.text_proj = nn.Linear(self.text_tower.output_dim, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))  # () log of the inverse temperature
         self.max_log_scale = math.log(cfg.max_logit_scale)
+        if cfg.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))  # () SigLIP's learnable bias
+
+    def image_outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) pixels -> ``(tokens (B, T, C), pooled (B, C))`` of the image tower."""
+        return image_tower_outputs(self.image_tower, pixels)
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, D) image embeddings (unit length if ``normalize``)."""
-        features = self.image_proj(self.image_tower(pixels))  # (B, D)
+        features = self.image_proj(self.image_outputs(pixels)[1])  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -43,18 +52,30 @@ class CLIPModel(nn.Module):
         """exp(logit_scale) clamped at ``max_logit_scale``: the inverse temperature 1/tau, shape ()."""
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Normalised features of a batch of pairs and the clamped logit scale."""
-        return {
-            "image_features": self.encode_image(pixels),  # (B, D)
-            "text_features": self.encode_text(input_ids, attention_mask),  # (B, D)
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute tower activations in the backward pass instead of storing them (less memory, more compute)."""
+        self.image_tower.set_grad_checkpointing(enable)
+        self.text_tower.set_grad_checkpointing(enable)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One dict in, one dict out: normalised features, the clamped logit scale (and bias), and the towers'
+        token-level outputs for objectives that need them."""
+        image_tokens, image_pooled = self.image_outputs(batch["pixels"])  # (B, T, C), (B, C)
+        text_tokens, text_pooled = self.text_tower.outputs(batch["input_ids"], batch["attention_mask"])  # (B, L, H), (B, H)
+        out = {
+            "image_features": F.normalize(self.image_proj(image_pooled), dim=-1),  # (B, D)
+            "text_features": F.normalize(self.text_proj(text_pooled), dim=-1),  # (B, D)
             "logit_scale": self.scale(),  # ()
+            "image_tokens": image_tokens,  # (B, T, C)
+            "text_tokens": text_tokens,  # (B, L, H)
+            "text_mask": batch["attention_mask"],  # (B, L)
         }
+        if hasattr(self, "logit_bias"):
+            out["logit_bias"] = self.logit_bias  # ()
+        return out
 
 
-def build_model(cfg: ModelConfig, load_pretrained: bool = True) -> CLIPModel:
-    """Build the model of ``cfg``; local pretrained tower weights are loaded unless ``load_pretrained`` is false.
-
-    The scratch text tower's vocabulary size is the tokenizer's (``build_tokenizer_for(cfg)``).
-    """
-    return CLIPModel(cfg, vocab_size=len(build_tokenizer_for(cfg)), load_pretrained=load_pretrained)
+@register_arch("dual")
+def build_dual(cfg: ModelConfig, vocab_size: int, load_pretrained: bool = True, options: None = None) -> CLIPModel:
+    """The CLIP-style dual encoder."""
+    return CLIPModel(cfg, vocab_size=vocab_size, load_pretrained=load_pretrained)

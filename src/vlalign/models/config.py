@@ -55,14 +55,19 @@ class TextTowerConfig:
 
 @dataclass
 class ModelConfig:
-    """A CLIP-style dual encoder: image tower + text tower, linear projections, learnable temperature."""
+    """A vision-language model: an architecture (``arch``) over an image tower and a text tower, projections into a
+    shared space and a learnable temperature. ``arch`` picks the builder (vlalign.models.registry); ``dual`` is the
+    CLIP-style dual encoder."""
 
     name: str = "custom"  # registry name, recorded in checkpoints and run parameters
+    arch: str = "dual"  # registered architecture (vlalign.models.registry.list_archs()); checkpoints dispatch on it
+    arch_options: dict[str, Any] = field(default_factory=dict)  # options of the arch (validated by its dataclass)
     embed_dim: int = 128  # dimension of the shared image-text embedding space
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)  # image tower
     text: TextTowerConfig = field(default_factory=TextTowerConfig)  # text tower
     init_temperature: float = 0.07  # initial softmax temperature tau; logit_scale starts at ln(1 / tau)
     max_logit_scale: float = 100.0  # exp(logit_scale) is clamped at this value in forward
+    init_logit_bias: float | None = None  # a learnable logit bias starting here (SigLIP: -10); None = no bias
 
     def __post_init__(self) -> None:
         if isinstance(self.image, dict):
@@ -94,6 +99,9 @@ class ModelConfig:
         for ok, name, expected in checks:
             if not ok:
                 raise ConfigError(f"model config {self.name!r}: field {name} must be {expected}; fix the config or override.")
+        from vlalign.models.registry import arch_options  # late import: the registry builds models from configs
+
+        arch_options(self.arch, self.arch_options)
 
     @property
     def init_logit_scale(self) -> float:

@@ -101,6 +101,18 @@ def load_image_weights(model: nn.Module, spec: str, match: str) -> None:
         raise CheckpointError(f"{path}: does not fit {type(model).__name__}: {exc}") from exc
 
 
+def image_tower_outputs(tower: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level and pooled outputs of a timm backbone created with ``num_classes=0``.
+
+    Returns ``(tokens, pooled)``: tokens (B, T, C) are the backbone's final feature tokens (a ViT's prefix + patch
+    tokens; a ConvNet's feature map flattened to h*w tokens), pooled (B, C) is exactly what ``tower(pixels)`` returns.
+    """
+    features = tower.forward_features(pixels)  # (B, T, C) for a ViT, (B, C, h, w) for a ConvNet
+    pooled = tower.forward_head(features, pre_logits=True)  # (B, C)
+    tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features  # (B, T, C)
+    return tokens, pooled
+
+
 class TextTower(nn.Module):
     """A transformers encoder followed by CLS or masked-mean pooling: (B, L) token ids -> (B, H)."""
 
@@ -110,13 +122,24 @@ class TextTower(nn.Module):
         self.pooling = pooling
         self.output_dim = int(transformer.config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled sentence vectors for ``input_ids`` (B, L) with ``attention_mask`` (B, L) -> (B, H)."""
+    def outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens (B, L, H), pooled (B, H))`` for ``input_ids`` (B, L) with ``attention_mask`` (B, L)."""
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
         if self.pooling == "cls":
-            return hidden[:, 0]  # (B, H)
+            return hidden, hidden[:, 0]  # (B, L, H), (B, H)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)  # (B, H)
+        return hidden, (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)  # (B, L, H), (B, H)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled sentence vectors for ``input_ids`` (B, L) with ``attention_mask`` (B, L) -> (B, H)."""
+        return self.outputs(input_ids, attention_mask)[1]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in the transformer layers."""
+        if enable:
+            self.transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.transformer.gradient_checkpointing_disable()
 
 
 def build_text_tower(cfg: TextTowerConfig, vocab_size: int, load_weights: bool = True) -> TextTower:
