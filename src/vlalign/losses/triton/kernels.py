@@ -12,6 +12,10 @@ in fp32 (fp64 for fp64 inputs, interpreter only), whatever the input dtype.
   result is deterministic. It also writes per-row partial sums of ``G_ij * a_i . b_j`` for ``dL/ds``.
 * :func:`siglip_fwd_kernel` / :func:`siglip_bwd_kernel`: the same for the pairwise sigmoid loss, whose positive
   pairs are ``row + row_shift == col + col_shift``.
+
+``EMULATE_LOWP`` (interpreter only): the Triton 3.8 interpreter returns garbage for ``tl.dot`` of bf16 blocks (values
+~1e10, as if it multiplied the raw 16-bit patterns), so under the interpreter bf16/fp16 blocks are widened to fp32 right before
+each ``tl.dot``; everything else (loads, the bf16 rounding of the probabilities) is the GPU code path.
 """
 
 from __future__ import annotations
@@ -48,12 +52,15 @@ def row_lse_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    EMULATE_LOWP: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     ks = tl.arange(0, BLOCK_D)  # (BD,)
     row_ok = rows < n_a
     k_ok = ks < dim
     a = _load_rows(a_ptr, rows, row_ok, ks, k_ok, dim)  # (BM, BD)
+    if EMULATE_LOWP:
+        a = a.to(tl.float32)
     scale = tl.load(scale_ptr)
     m = tl.full([BLOCK_M], float("-inf"), scale.dtype)  # (BM,) running max
     l = tl.zeros([BLOCK_M], scale.dtype)  # (BM,) running sum of exp(logit - m)
@@ -61,7 +68,10 @@ def row_lse_kernel(
         cols = start + tl.arange(0, BLOCK_N)  # (BN,)
         col_ok = cols < n_b
         b = _load_rows(b_ptr, cols, col_ok, ks, k_ok, dim)  # (BN, BD)
-        logits = tl.dot(a, tl.trans(b), input_precision=PRECISION).to(scale.dtype) * scale  # (BM, BN)
+        b_mm = b
+        if EMULATE_LOWP:
+            b_mm = b.to(tl.float32)
+        logits = tl.dot(a, tl.trans(b_mm), input_precision=PRECISION).to(scale.dtype) * scale  # (BM, BN)
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, axis=1))  # (BM,)
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
@@ -90,12 +100,15 @@ def infonce_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    EMULATE_LOWP: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     ks = tl.arange(0, BLOCK_D)  # (BD,)
     row_ok = rows < n_a
     k_ok = ks < dim
     a = _load_rows(a_ptr, rows, row_ok, ks, k_ok, dim)  # (BM, BD)
+    if EMULATE_LOWP:
+        a = a.to(tl.float32)
     scale = tl.load(scale_ptr)
     if HAS_ROW:
         lse_r = tl.load(lse_r_ptr + rows, mask=row_ok, other=0.0)  # (BM,)
@@ -106,7 +119,10 @@ def infonce_bwd_kernel(
         cols = start + tl.arange(0, BLOCK_N)  # (BN,)
         col_ok = cols < n_b
         b = _load_rows(b_ptr, cols, col_ok, ks, k_ok, dim)  # (BN, BD)
-        dots = tl.dot(a, tl.trans(b), input_precision=PRECISION).to(scale.dtype)  # (BM, BN)
+        b_mm = b
+        if EMULATE_LOWP:
+            b_mm = b.to(tl.float32)
+        dots = tl.dot(a, tl.trans(b_mm), input_precision=PRECISION).to(scale.dtype)  # (BM, BN)
         logits = dots * scale
         grad = tl.zeros([BLOCK_M, BLOCK_N], scale.dtype)  # (BM, BN) dL/dlogits
         if HAS_ROW:
@@ -116,7 +132,10 @@ def infonce_bwd_kernel(
             g_c = tl.load(g_c_ptr + cols, mask=col_ok, other=0.0)  # (BN,)
             grad += g_c[None, :] * tl.exp(logits - lse_c[None, :])
         grad = tl.where(col_ok[None, :], grad, 0.0)
-        acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=PRECISION)  # (BM, BD)
+        grad_mm = grad.to(b.dtype)  # bf16/fp16 inputs: probabilities rounded like flash attention's P
+        if EMULATE_LOWP:
+            grad_mm = grad_mm.to(tl.float32)
+        acc = tl.dot(grad_mm, b_mm, acc, input_precision=PRECISION)  # (BM, BD)
         if WRITE_DS:
             ds += tl.sum(grad * dots, axis=1)
     offsets = rows[:, None].to(tl.int64) * dim + ks[None, :]
@@ -140,12 +159,15 @@ def siglip_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    EMULATE_LOWP: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     ks = tl.arange(0, BLOCK_D)  # (BD,)
     row_ok = rows < n_a
     k_ok = ks < dim
     a = _load_rows(a_ptr, rows, row_ok, ks, k_ok, dim)  # (BM, BD)
+    if EMULATE_LOWP:
+        a = a.to(tl.float32)
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
     total = tl.zeros([BLOCK_M], scale.dtype)  # (BM,)
@@ -153,7 +175,10 @@ def siglip_fwd_kernel(
         cols = start + tl.arange(0, BLOCK_N)  # (BN,)
         col_ok = cols < n_b
         b = _load_rows(b_ptr, cols, col_ok, ks, k_ok, dim)  # (BN, BD)
-        logits = tl.dot(a, tl.trans(b), input_precision=PRECISION).to(scale.dtype) * scale + bias  # (BM, BN)
+        b_mm = b
+        if EMULATE_LOWP:
+            b_mm = b.to(tl.float32)
+        logits = tl.dot(a, tl.trans(b_mm), input_precision=PRECISION).to(scale.dtype) * scale + bias  # (BM, BN)
         positive = (rows[:, None] + offset) == cols[None, :]  # (BM, BN)
         x = tl.where(positive, -logits, logits)  # -z * logit
         loss = tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))  # softplus(-z l) = -log sigmoid(z l)
@@ -182,12 +207,15 @@ def siglip_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    EMULATE_LOWP: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     ks = tl.arange(0, BLOCK_D)  # (BD,)
     row_ok = rows < n_a
     k_ok = ks < dim
     a = _load_rows(a_ptr, rows, row_ok, ks, k_ok, dim)  # (BM, BD)
+    if EMULATE_LOWP:
+        a = a.to(tl.float32)
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
     if G_ON_ROWS:
@@ -199,7 +227,10 @@ def siglip_bwd_kernel(
         cols = start + tl.arange(0, BLOCK_N)  # (BN,)
         col_ok = cols < n_b
         b = _load_rows(b_ptr, cols, col_ok, ks, k_ok, dim)  # (BN, BD)
-        dots = tl.dot(a, tl.trans(b), input_precision=PRECISION).to(scale.dtype)  # (BM, BN)
+        b_mm = b
+        if EMULATE_LOWP:
+            b_mm = b.to(tl.float32)
+        dots = tl.dot(a, tl.trans(b_mm), input_precision=PRECISION).to(scale.dtype)  # (BM, BN)
         logits = dots * scale + bias
         positive = (rows[:, None] + row_shift) == (cols[None, :] + col_shift)  # (BM, BN)
         # d/dl of -log sigmoid(-l) is sigmoid(l) (negatives); of -log sigmoid(l) it is -sigmoid(-l) (positives)
@@ -210,7 +241,10 @@ def siglip_bwd_kernel(
             g_c = tl.load(g_ptr + cols, mask=col_ok, other=0.0)  # (BN,)
             grad = grad * g_c[None, :]
         grad = tl.where(col_ok[None, :] & row_ok[:, None], grad, 0.0)
-        acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=PRECISION)  # (BM, BD)
+        grad_mm = grad.to(b.dtype)  # bf16/fp16 inputs: probabilities rounded like flash attention's P
+        if EMULATE_LOWP:
+            grad_mm = grad_mm.to(tl.float32)
+        acc = tl.dot(grad_mm, b_mm, acc, input_precision=PRECISION)  # (BM, BD)
         if WRITE_DS:
             ds += tl.sum(grad * dots, axis=1)
             db += tl.sum(grad, axis=1)

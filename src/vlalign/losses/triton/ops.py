@@ -97,6 +97,9 @@ def _launch(name: str, n_rows: int, dim: int, *args, **constexprs) -> None:
     block_d = _block_d(dim)
     if interpreting():
         kernel = _kernel(name, block_d, False)
+        lowp = args[0].dtype in (torch.bfloat16, torch.float16)  # args[0]: the row features
+        if lowp:
+            constexprs = {**constexprs, "PRECISION": "ieee", "EMULATE_LOWP": True}
         kernel[(max(1, -(-n_rows // 16)),)](*args, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, **constexprs)
         return
     tuned = os.environ.get("VLALIGN_TRITON_AUTOTUNE", "1") != "0"
