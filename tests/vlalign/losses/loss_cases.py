@@ -136,3 +136,16 @@ def loop_weighted_clip(x, y, cols_x, cols_y, s, weights, offset=0):
     terms = loop_clip_terms(x, y, cols_x, cols_y, s, offset)
     big_n, n = cols_x.shape[0], x.shape[0]
     return (big_n / n) * sum(float(w) * 0.5 * (a + b) for w, (a, b) in zip(weights, terms))
+
+
+def graph_node_names(loss: torch.Tensor) -> set[str]:
+    """Names of every autograd node behind ``loss`` (which Functions actually ran)."""
+    names, stack, seen = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(f for f, _ in node.next_functions)
+    return names
