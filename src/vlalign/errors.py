@@ -27,3 +27,7 @@ class IncompatibleCheckpointsError(CheckpointError):
 
 class WeightsNotFoundError(VLAlignError, FileNotFoundError):
     """Local pretrained weights or vocab files were not found (vlalign never downloads them)."""
+
+
+class LossInputError(VLAlignError, ValueError):
+    """The tensors given to a loss function have the wrong shape, dtype, device or row offset."""

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlalign.losses.functional import clip_loss_local
+
 
 def info_nce(logits: torch.Tensor) -> torch.Tensor:
     """One-directional InfoNCE: row i's positive is column i. ``logits`` (N, N) -> () mean cross-entropy.
@@ -17,9 +19,11 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE L = (L_i->t + L_t->i) / 2 over normalised (N, D) features; ``logit_scale`` = 1/tau, ()."""
-    logits = logit_scale * image_features @ text_features.T  # (N, N) image-to-text logits
-    return 0.5 * (info_nce(logits) + info_nce(logits.T))
+    """Symmetric InfoNCE L = (L_i->t + L_t->i) / 2 over normalised (N, D) features; ``logit_scale`` = 1/tau, ().
+
+    The single-process global form of :func:`vlalign.losses.functional.clip_loss_local` (rows are the columns).
+    """
+    return clip_loss_local(image_features, text_features, image_features, text_features, logit_scale)  # ()
 
 
 class ClipLoss(nn.Module):
