@@ -45,6 +45,31 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vlalign.train.run import run_stage, spec_from_args
+
+    final = run_stage(spec_from_args(args))
+    print(f"stage finished: {final}")
+    return 0
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from vlalign.data.shards import write_shards
+
+    index = write_shards(pd.read_parquet(args.manifest), args.out, split=args.split, max_samples=args.max_samples,
+                         max_bytes=args.max_mib << 20, seed=args.seed)
+    print(f"{index.n_samples} samples in {len(index.shards)} shards at {args.out}")
+    return 0
+
+
+def _cmd_loss_bench(args: argparse.Namespace) -> int:
+    from vlalign.losses.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlalign",
@@ -60,6 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the named model configs")
     models.add_argument("-v", "--verbose", action="store_true", help="print each config in full")
     models.set_defaults(func=_cmd_models)
+
+    train = sub.add_parser(
+        "train", help="run one training stage from files (what the Kedro node, torchrun and Kubernetes pods run)",
+        description="Run one training stage. Single process: `vlalign train --spec data/06_models/stage1/spec.json`. "
+        "Several processes: `torchrun --nproc-per-node 2 -m vlalign train --spec FILE` (gloo on CPU, NCCL on GPUs). "
+        "Re-running the same command resumes from the last checkpoint, or returns at once when final.pt is complete.",
+    )
+    from vlalign.train.run import add_train_arguments
+
+    add_train_arguments(train)
+    train.set_defaults(func=_cmd_train)
+
+    shard = sub.add_parser("shard", help="write a clean manifest's split as WebDataset-style tar shards (streamed training)")
+    shard.add_argument("manifest", help="clean manifest parquet (e.g. data/03_primary/clean_manifest.parquet)")
+    shard.add_argument("--out", required=True, help="output folder: <split>-NNNNN-<sha>.tar shards and shards.json")
+    shard.add_argument("--split", default="train", help="manifest split to write (default: %(default)s)")
+    shard.add_argument("--max-samples", type=int, default=1000, help="images per shard at most (default: %(default)s)")
+    shard.add_argument("--max-mib", type=int, default=256, help="shard size in MiB at most (default: %(default)s)")
+    shard.add_argument("--seed", type=int, default=0, help="seed of the one-off shuffle before sharding")
+    shard.set_defaults(func=_cmd_shard)
+
+    bench = sub.add_parser("loss-bench", add_help=False,
+                           help="time one fwd+bwd of a contrastive loss at a batch size, print time and peak memory as JSON")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_cmd_loss_bench)
 
     ckpt = sub.add_parser("checkpoint", help="describe a checkpoint file (config, step, merge info)")
     ckpt.add_argument("path", help="path to a .pt checkpoint written by vlalign")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -16,7 +17,7 @@ from kedro.io import AbstractDataset, DatasetError
 from vlalign.data.demo import DemoConfig, generate_demo_dataset
 from vlalign.data.classnames import imagenet_classnames, imagenet_templates
 from vlalign.data.formats import load_coco_cn, load_corpus, load_imagefolder, load_imagenet_flat, load_lines
-from vlalign.train.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint
+from vlalign.train.checkpoint import CheckpointRef, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -211,47 +212,88 @@ class CocoCnDataset(AbstractDataset[None, pd.DataFrame]):
         return {"root": self._root, "image_roots": self._image_roots, "splits": self._splits}
 
 
-class TorchCheckpointDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
-    """A self-describing vlalign checkpoint file (written atomically, loaded with weights_only=True)."""
+class CheckpointFileDataset(AbstractDataset[Any, CheckpointRef]):
+    """A self-describing vlalign checkpoint file, handed on as a :class:`~vlalign.train.checkpoint.CheckpointRef`.
+
+    Saving a checkpoint dict writes it atomically; saving a ``CheckpointRef`` to this very file (what a training
+    stage returns: the library wrote ``final.pt`` once) writes nothing, and a ref to another file is copied
+    atomically (e.g. a stage trained elsewhere). Loading returns a ref; nodes call ``.load()`` (weights_only=True).
+    """
 
     def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
-        self._filepath = PurePosixPath(filepath)
+        self._filepath = Path(filepath)
         self.metadata = metadata
 
-    def load(self) -> dict[str, Any]:
-        return load_checkpoint(Path(self._filepath))
+    def load(self) -> CheckpointRef:
+        if not self._filepath.is_file():
+            raise DatasetError(f"{self._filepath}: checkpoint not found; run the stage that writes it first.")
+        return CheckpointRef(str(self._filepath))
 
-    def save(self, data: dict[str, Any]) -> None:
-        save_checkpoint(data, Path(self._filepath))
+    def save(self, data: dict[str, Any] | CheckpointRef) -> None:
+        if isinstance(data, CheckpointRef):
+            if self._filepath.exists() and os.path.samefile(data.path, self._filepath):
+                return
+            save_checkpoint(load_checkpoint(data.path), self._filepath)
+            return
+        save_checkpoint(data, self._filepath)
 
     def _exists(self) -> bool:
-        return Path(self._filepath).exists()
+        return self._filepath.exists()
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath)}
 
 
-class CheckpointStoreDataset(AbstractDataset[None, CheckpointStore]):
-    """The folder where a training stage keeps its resumable checkpoints.
-
-    Loading it hands the training node a ``CheckpointStore``; the library writes into it during training.
-    """
+class StageDirDataset(AbstractDataset[None, str]):
+    """The folder of one training stage (spec.json, checkpoints/, final.pt); loading gives its path, which the
+    training node puts into the stage's TrainSpec. The library writes into it; Kedro never saves it."""
 
     def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
         self._path = Path(path)
         self.metadata = metadata
 
-    def load(self) -> CheckpointStore:
-        return CheckpointStore(self._path)
+    def load(self) -> str:
+        return str(self._path)
 
     def save(self, data: Any) -> None:
-        raise DatasetError("CheckpointStoreDataset is written by the training loop, not by Kedro.")
+        raise DatasetError("StageDirDataset is written by `vlalign train`, not by Kedro.")
 
     def _exists(self) -> bool:
         return True
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
+
+
+class ShardIndexDataset(AbstractDataset[pd.DataFrame, Any]):
+    """WebDataset-style tar shards of the training rows (``vlalign.data.shards``): saving a manifest writes (or
+    reuses, when unchanged) content-addressed shards and ``shards.json`` under ``path``; loading gives the index.
+
+    ``path`` may be a local folder or an fsspec URL for loading (shared by several nodes); writing is local.
+    """
+
+    def __init__(self, path: str, max_samples: int = 1000, max_mib: int = 256, seed: int = 0,
+                 metadata: dict[str, Any] | None = None) -> None:
+        self._path = path
+        self._max_samples, self._max_mib, self._seed = max_samples, max_mib, seed
+        self.metadata = metadata
+
+    def load(self) -> Any:
+        from vlalign.data.shards import ShardIndex
+
+        return ShardIndex.load(self._path)
+
+    def save(self, data: pd.DataFrame) -> None:
+        from vlalign.data.shards import write_shards
+
+        write_shards(data, self._path, split="train", max_samples=self._max_samples, max_bytes=self._max_mib << 20,
+                     seed=self._seed)
+
+    def _exists(self) -> bool:
+        return (Path(self._path) / "shards.json").exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": self._path, "max_samples": self._max_samples, "max_mib": self._max_mib}
 
 
 class OptionalJSONDataset(AbstractDataset[None, dict[str, Any]]):

@@ -9,11 +9,12 @@ exact.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -36,7 +37,10 @@ class ImageTextDataset(Dataset):
         context_length: int,
         caption_langs: Sequence[str],
         seed: int = 0,
+        image_loader: Callable[[str, str], Image.Image] | None = None,
     ) -> None:
+        """``image_loader(image_path, image_root)`` returns a loaded PIL image; by default the file is read with
+        :func:`vlalign.data.images.open_image` inside the row's allowed roots."""
         missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
         if missing:
             raise DatasetFormatError(f"manifest lacks column(s) {missing}; expected the columns of INTERFACES §1.")
@@ -47,6 +51,7 @@ class ImageTextDataset(Dataset):
                 f"{sorted(manifest['lang'].unique())}); change the stage's caption_langs."
             )
         self.transform = transform
+        self.image_loader = image_loader or (lambda path, root: open_image(path, decode_roots(root)))
         self.seed = seed
         self.epoch = 0
         first = rows.drop_duplicates("image_id")  # one row per image, first-seen order
@@ -64,7 +69,7 @@ class ImageTextDataset(Dataset):
     def _decode(self, path: str, root: str, source: str) -> torch.Tensor:
         """Decode and resize one (contained) image to (3, H, W) uint8, naming the manifest row on failure."""
         try:
-            return self.transform.prepare(open_image(path, decode_roots(root)))
+            return self.transform.prepare(self.image_loader(path, root))
         except ImageAccessError as exc:
             raise DatasetFormatError(f"{source}: {exc} Fix the file or quarantine the row before training.") from exc
 

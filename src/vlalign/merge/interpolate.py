@@ -13,7 +13,7 @@ StateDict = Mapping[str, torch.Tensor]
 
 def check_compatible(sd1: StateDict, sd2: StateDict, names: tuple[str, str] = ("sd1", "sd2")) -> None:
     """Raise :class:`IncompatibleCheckpointsError` naming the first key that is missing, or whose shape or
-    dtype differs, or whose non-float values differ (integer buffers must agree to be merged)."""
+    dtype differs. Non-float tensors (queue pointers, counters) may differ: merging copies them, never averages."""
     a, b = names
     only_1 = [k for k in sd1 if k not in sd2]
     only_2 = [k for k in sd2 if k not in sd1]
@@ -30,17 +30,13 @@ def check_compatible(sd1: StateDict, sd2: StateDict, names: tuple[str, str] = ("
                 f"key {key!r} has shape {tuple(t1.shape)} {t1.dtype} in {a} but {tuple(t2.shape)} {t2.dtype} in {b}; "
                 "only checkpoints of the same architecture can be merged."
             )
-        if not t1.is_floating_point() and not torch.equal(t1, t2):
-            raise IncompatibleCheckpointsError(
-                f"non-float tensor {key!r} differs between {a} and {b}; integer buffers cannot be averaged, "
-                "so they must be equal in both checkpoints."
-            )
 
 
 def interpolate_state_dicts(
     sd1: StateDict, sd2: StateDict, beta: float, names: tuple[str, str] = ("sd1", "sd2")
 ) -> dict[str, torch.Tensor]:
-    """theta = beta * theta1 + (1 - beta) * theta2 for every float tensor; non-float tensors are copied from sd1.
+    """theta = beta * theta1 + (1 - beta) * theta2 for every float tensor; non-float tensors (queue pointers,
+    counters) are copied from sd1 unchanged, never interpolated.
 
     ``beta == 1`` returns copies of sd1's tensors and ``beta == 0`` of sd2's, bit for bit. ``names`` label
     the two inputs in error messages (e.g. checkpoint paths).

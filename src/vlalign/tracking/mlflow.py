@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
@@ -80,30 +80,50 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
 class StageRunLogger:
     """A nested MLflow run for one training stage; a ``TrainCallback`` for ``train_stage``.
 
-    Per-step loss, learning rate and temperature are batched and sent every ``flush_every`` steps.
-    The stage's last checkpoint is logged as an artifact when the stage ends. Without an active
-    parent run (plain library use), it logs nothing unless ``force=True``.
+    The run is a child of ``parent_run_id`` (given explicitly, e.g. in a torchrun worker or a pod, which have no
+    active run) or else of the active run (kedro-mlflow's run inside ``kedro run``). It is written through the
+    client API, never the fluent run stack, so it works the same in every process. Per-step metrics are batched
+    and sent every ``flush_every`` steps; the stage's last checkpoint is logged as an artifact when the stage
+    ends. Without a parent (plain library use) it logs nothing unless ``force=True``.
     """
 
-    def __init__(self, stage_name: str, params: Mapping[str, Any] | None = None, flush_every: int = 25, force: bool = False) -> None:
+    def __init__(
+        self,
+        stage_name: str,
+        params: Mapping[str, Any] | None = None,
+        flush_every: int = 25,
+        force: bool = False,
+        parent_run_id: str | None = None,
+        experiment_id: str | None = None,
+        tracking_uri: str | None = None,
+    ) -> None:
         self.stage_name = stage_name
         self.params = dict(params or {})
         self.flush_every = flush_every
         self.force = force
+        self.parent_run_id = parent_run_id
+        self.experiment_id = experiment_id
         self.run_id: str | None = None
         self._buffer: list[Metric] = []
         self._last_checkpoint: Path | None = None
-        self._client = MlflowClient()
+        self._client = MlflowClient(tracking_uri=tracking_uri)
 
     def __enter__(self) -> "StageRunLogger":
-        if mlflow.active_run() is None and not self.force:
+        active = mlflow.active_run()
+        parent = self.parent_run_id or (active.info.run_id if active is not None else None)
+        if parent is None and not self.force:
             return self
-        run = mlflow.start_run(run_name=self.stage_name, nested=mlflow.active_run() is not None)
-        self.run_id = run.info.run_id
-        mlflow.set_tag("vlalign.stage", self.stage_name)
-        flat = {k: str(v)[:500] for k, v in flatten(self.params).items()}
-        if flat:
-            mlflow.log_params(flat)
+        experiment = self.experiment_id
+        if experiment is None:
+            experiment = (self._client.get_run(parent).info.experiment_id if parent is not None
+                          else mlflow.tracking.fluent._get_experiment_id())
+        tags = {"vlalign.stage": self.stage_name, "mlflow.runName": self.stage_name}
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent
+        self.run_id = self._client.create_run(experiment, tags=tags, run_name=self.stage_name).info.run_id
+        flat = [Param(k, str(v)[:500]) for k, v in flatten(self.params).items()]
+        for start in range(0, len(flat), 100):
+            self._client.log_batch(self.run_id, params=flat[start:start + 100])
         return self
 
     def on_step(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -119,7 +139,8 @@ class StageRunLogger:
 
     def _flush(self) -> None:
         if self.run_id is not None and self._buffer:
-            self._client.log_batch(self.run_id, metrics=self._buffer)
+            for start in range(0, len(self._buffer), 1000):
+                self._client.log_batch(self.run_id, metrics=self._buffer[start:start + 1000])
         self._buffer = []
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -127,8 +148,18 @@ class StageRunLogger:
             return
         self._flush()
         if exc_type is None and self._last_checkpoint is not None and self._last_checkpoint.exists():
-            mlflow.log_artifact(str(self._last_checkpoint), "checkpoint")
-        mlflow.end_run(status="FINISHED" if exc_type is None else "FAILED")
+            self._client.log_artifact(self.run_id, str(self._last_checkpoint), "checkpoint")
+        self._client.set_terminated(self.run_id, status="FINISHED" if exc_type is None else "FAILED")
+
+
+def tracking_context() -> dict[str, Any] | None:
+    """Where a stage launched from here should log: the tracking URI and the active run as its parent (None
+    without an active run). Stored in a TrainSpec, so torchrun workers and pods log into the same run tree."""
+    active = mlflow.active_run()
+    if active is None:
+        return None
+    return {"tracking_uri": mlflow.get_tracking_uri(), "experiment_id": active.info.experiment_id,
+            "parent_run_id": active.info.run_id}
 
 
 class VLAlignEmbedder(mlflow.pyfunc.PythonModel):

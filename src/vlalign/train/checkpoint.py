@@ -1,10 +1,13 @@
-"""Self-describing checkpoints: atomic save, weights_only load, a per-stage store, RNG state capture."""
+"""Self-describing checkpoints: atomic save, weights_only load, a per-stage store, RNG state capture, and
+:class:`CheckpointRef`, the handle by which stages hand their ``final.pt`` files on."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +15,10 @@ import numpy as np
 import torch
 
 from vlalign.errors import CheckpointError
-from vlalign.models.clip import CLIPModel, build_model
+from torch import nn
+
 from vlalign.models.config import ModelConfig
+from vlalign.models.registry import build_model
 
 FORMAT = "vlalign-checkpoint-v1"
 REQUIRED_KEYS = ("format", "model_config", "stage_config", "model", "step", "completed")
@@ -59,8 +64,10 @@ def check_checkpoint(ckpt: Any, where: str = "checkpoint") -> None:
         raise CheckpointError(f"{where}: {FORMAT} checkpoint lacks key(s) {missing}; the file is incomplete.")
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> CLIPModel:
-    """Rebuild the model of a checkpoint from its own config and weights, in eval mode."""
+def model_from_checkpoint(ckpt: dict[str, Any] | CheckpointRef | str | Path) -> nn.Module:
+    """Rebuild the model of a checkpoint (a dict, a :class:`CheckpointRef` or a path) from its own config and
+    weights, in eval mode; the config's ``arch`` picks the builder."""
+    ckpt = as_checkpoint(ckpt)
     check_checkpoint(ckpt)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     model = build_model(cfg, load_pretrained=False)
@@ -78,7 +85,7 @@ def rng_state() -> dict[str, Any]:
     """Torch, numpy and Python RNG states in a form ``torch.load(weights_only=True)`` accepts."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": {
             "kind": kind,
@@ -89,6 +96,9 @@ def rng_state() -> dict[str, Any]:
         },
         "python": {"version": version, "state": list(internal), "gauss": gauss},
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -98,13 +108,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class CheckpointStore:
-    """A folder of one stage's checkpoints: ``step-<n>.pt`` while training, ``final.pt`` at the end.
+    """The folder of one stage: ``checkpoints/step-<n>.pt`` while training, ``final.pt`` once at the end.
 
-    ``LATEST`` names the most recently saved file, so :meth:`latest` never guesses from timestamps.
-    Only the ``keep_last`` most recent step checkpoints are kept.
+    ``checkpoints/LATEST`` names the most recently saved file (relative to the folder), so :meth:`latest` never
+    guesses from timestamps. Only the ``keep_last`` most recent step checkpoints are kept.
     """
 
     def __init__(self, directory: str | Path, keep_last: int = 2) -> None:
@@ -113,26 +125,65 @@ class CheckpointStore:
 
     @property
     def final_path(self) -> Path:
-        """Where the completed stage's checkpoint is written."""
+        """Where the completed stage's checkpoint is written (once)."""
         return self.directory / "final.pt"
+
+    @property
+    def steps_dir(self) -> Path:
+        """The folder of the resumable step checkpoints."""
+        return self.directory / "checkpoints"
 
     def latest(self) -> Path | None:
         """The most recently saved checkpoint, or None when the store holds none."""
-        pointer = self.directory / "LATEST"
+        pointer = self.steps_dir / "LATEST"
         if not pointer.is_file():
             return None
         path = self.directory / pointer.read_text(encoding="utf-8").strip()
         return path if path.is_file() else None
 
     def save(self, ckpt: dict[str, Any], name: str) -> Path:
-        """Atomically write ``<name>.pt``, point ``LATEST`` at it, and prune old step checkpoints."""
-        path = save_checkpoint(ckpt, self.directory / f"{name}.pt")
-        fd, tmp = tempfile.mkstemp(prefix=".LATEST.", dir=self.directory)
+        """Atomically write ``final.pt`` (``name == "final"``) or ``checkpoints/<name>.pt``, point ``LATEST`` at
+        it, and prune old step checkpoints."""
+        path = self.final_path if name == "final" else self.steps_dir / f"{name}.pt"
+        save_checkpoint(ckpt, path)
+        self.steps_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".LATEST.", dir=self.steps_dir)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(path.name)
-        os.replace(tmp, self.directory / "LATEST")
-        steps = sorted(self.directory.glob("step-*.pt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+            handle.write(str(path.relative_to(self.directory)))
+        os.replace(tmp, self.steps_dir / "LATEST")
+        steps = sorted(self.steps_dir.glob("step-*.pt"), key=lambda p: p.name, reverse=True)
         for old in steps[self.keep_last :]:
             if old != path:
                 old.unlink(missing_ok=True)
         return path
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint handed on as a file: what a stage returns and what merging, evaluation and registration read.
+
+    Loading is explicit (:meth:`load`), so passing a stage's result along never copies or rewrites its weights.
+    """
+
+    path: str  # the checkpoint file (e.g. data/06_models/stage2/final.pt)
+
+    def load(self) -> dict[str, Any]:
+        """The checkpoint dict (``torch.load(weights_only=True)``)."""
+        return load_checkpoint(self.path)
+
+    def sha256(self) -> str:
+        """sha256 of the file's bytes."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+def as_checkpoint(value: dict[str, Any] | CheckpointRef | str | Path) -> dict[str, Any]:
+    """A checkpoint dict from a dict (returned as is), a :class:`CheckpointRef` or a path."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, CheckpointRef):
+        return value.load()
+    return load_checkpoint(value)

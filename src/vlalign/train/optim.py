@@ -14,8 +14,13 @@ def set_trainable(model: nn.Module, prefixes: list[str]) -> list[str]:
     """Freeze every parameter except those whose name starts with one of ``prefixes`` (``["all"]`` = all).
 
     Returns the names of the trainable parameters. A prefix matching no parameter is a
-    :class:`ConfigError`, so a typo cannot silently freeze the whole model.
+    :class:`ConfigError`, so a typo cannot silently freeze the whole model. Parameters under modules marked
+    never-trainable (:func:`vlalign.models.registry.mark_never_trainable`, e.g. momentum teachers) stay frozen
+    whatever the prefixes say.
     """
+    from vlalign.models.registry import never_trainable_names
+
+    never = never_trainable_names(model)
     names = [name for name, _ in model.named_parameters()]
     if prefixes != ["all"]:
         unmatched = [p for p in prefixes if not any(n.startswith(p) for n in names)]
@@ -24,7 +29,8 @@ def set_trainable(model: nn.Module, prefixes: list[str]) -> list[str]:
             raise ConfigError(f"trainable prefixes {unmatched} match no parameter; top-level names are {tops}, or use ['all'].")
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(prefixes == ["all"] or any(name.startswith(p) for p in prefixes))
+        wanted = prefixes == ["all"] or any(name.startswith(p) for p in prefixes)
+        param.requires_grad_(wanted and name not in never)
         if param.requires_grad:
             trainable.append(name)
     return trainable

@@ -86,7 +86,7 @@ def test_scratch_model_forward_shapes_normalisation_and_temperature(no_network: 
 
     tokens = _tokens(cfg, ["a red circle", "two small blue squares on the left", "a star"])
     pixels = torch.randn(3, 3, 32, 32)  # (B, 3, H, W)
-    out = model(pixels, tokens["input_ids"], tokens["attention_mask"])
+    out = model({"pixels": pixels, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]})
     assert out["image_features"].shape == out["text_features"].shape == (3, 16)
     assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(out["text_features"].norm(dim=-1), torch.ones(3), atol=1e-5)
@@ -97,7 +97,7 @@ def test_scratch_model_forward_shapes_normalisation_and_temperature(no_network: 
 
     with torch.no_grad():
         model.logit_scale.fill_(10.0)  # exp(10) > 100
-    assert model(pixels, tokens["input_ids"], tokens["attention_mask"])["logit_scale"].item() == pytest.approx(100.0)
+    assert model({"pixels": pixels, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]})["logit_scale"].item() == pytest.approx(100.0)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -128,7 +128,7 @@ def test_local_pretrained_towers_are_loaded(no_network: None) -> None:
     pixels = torch.stack([transform(Image.new("RGB", (64, 64), (200, 30, 30)))] * 2)  # (2, 3, 64, 64)
     assert float(pixels[0, 0, 0, 0]) == pytest.approx((200 / 255 - 0.498) / 0.502, abs=1e-5)  # (x - 127) / 128
     with torch.no_grad():
-        out = model(pixels, tokens["input_ids"], tokens["attention_mask"])
+        out = model({"pixels": pixels, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]})
     assert out["image_features"].shape == out["text_features"].shape == (2, 128)
     assert torch.allclose(out["text_features"].norm(dim=-1), torch.ones(2), atol=1e-5)
 

@@ -144,7 +144,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, manifest, model_
     assert _losses(resumed) == _losses(reference)
     for key, value in reference["model"].items():
         assert torch.equal(resumed["model"][key], value), key
-    assert sorted(p.name for p in store.directory.glob("step-*.pt")) == ["step-00000008.pt", "step-00000010.pt"]
+    assert sorted(p.name for p in store.steps_dir.glob("step-*.pt")) == ["step-00000008.pt", "step-00000010.pt"]
 
 
 def test_stage1_trains_only_projections_and_stage2_starts_from_it(tmp_path, manifest, model_cfg) -> None:
@@ -167,16 +167,18 @@ def test_checkpoints_describe_themselves(tmp_path, manifest, model_cfg) -> None:
     recorder = Recorder()
     final = train_stage(model_cfg, _stage(max_steps=5, log_every=2, checkpoint_every=3), manifest, None, store, [recorder])
     assert [s for s, _ in recorder.steps] == [2, 4, 5]  # every log_every steps and at the last step
-    assert set(recorder.steps[0][1]) == {"loss", "lr", "temperature", "logit_scale"}
+    assert set(recorder.steps[0][1]) == {"loss", "contrastive", "lr", "temperature", "logit_scale"}
     assert recorder.steps[0][1]["temperature"] == pytest.approx(1 / recorder.steps[0][1]["logit_scale"])
-    assert recorder.checkpoints == [(store.directory / "step-00000003.pt", 3), (store.final_path, 5)]
+    assert recorder.checkpoints == [(store.steps_dir / "step-00000003.pt", 3), (store.final_path, 5)]
 
     loaded = load_checkpoint(store.latest())  # weights_only=True
     assert store.latest() == store.final_path
     assert loaded["format"] == "vlalign-checkpoint-v1" and loaded["completed"] and loaded["step"] == 5
     assert loaded["model_config"] == model_cfg.to_dict() and loaded["stage_config"]["max_steps"] == 5
     assert loaded["optimizer"]["state"] and loaded["scheduler"]["last_epoch"] == 5
-    assert set(loaded["rng"]) == {"torch", "numpy", "python"}
+    assert set(loaded["rng"]) == {"torch", "numpy", "python"}  # + "cuda" when CUDA is in use
+    assert loaded["stream"] == {"epoch": 1, "batch": 1} and loaded["objective"] == {}
+    assert loaded["model_config"]["arch"] == "dual"
     model = model_from_checkpoint(loaded)
     assert not model.training
     for key, value in model.state_dict().items():
@@ -269,5 +271,7 @@ def test_tuned_defaults_are_complete_stage_configs() -> None:
     assert [s["name"] for s in stages] == ["stage1", "stage2"]
     for stage in stages:
         assert set(stage) == {f.name for f in fields(StageConfig)}
-        assert StageConfig.from_dict(stage).to_dict() == stage
+        assert stage["caption_langs"] == "auto"  # resolved from the corpus by the training node
+        resolved = {**stage, "caption_langs": ["en", "zh"]}
+        assert StageConfig.from_dict(resolved).to_dict() == resolved
     assert stages[0]["trainable"] == ["image_proj", "text_proj", "logit_scale"] and stages[1]["trainable"] == ["all"]

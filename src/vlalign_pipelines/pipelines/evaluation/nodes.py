@@ -15,6 +15,7 @@ from vlalign.eval.report import clip_benchmark_record, write_benchmark_report
 from vlalign.eval.run import evaluate_retrieval, evaluate_zero_shot
 from vlalign.tracking.mlflow import log_artifact, log_metrics
 from vlalign.train import model_from_checkpoint
+from vlalign.train.checkpoint import as_checkpoint
 
 
 SUMMARY_KEYS = ("dataset", "split", "language", "n_images", "n_captions", "n_classes", "n_templates",
@@ -43,6 +44,7 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return metrics.json (every metric beside its chance level and ratio to chance) and the details
     behind the report (recall@K curves, per-class accuracy, reliability-diagram data)."""
+    checkpoint = as_checkpoint(checkpoint)
     model = model_from_checkpoint(checkpoint).eval()
     blocks: dict[str, dict[str, Any]] = {}
     primary = resolve_lang(params["lang"], manifest, params["split"], "evaluation.lang")

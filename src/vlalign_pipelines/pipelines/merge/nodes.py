@@ -11,12 +11,14 @@ from vlalign.eval.run import evaluate_retrieval
 from vlalign.merge.sweep import sweep_beta
 from vlalign.tracking.mlflow import log_metrics
 from vlalign.train import model_from_checkpoint
+from vlalign.train.checkpoint import CheckpointRef, as_checkpoint
 
 
 def merge_stage_checkpoints(
-    theta1: dict[str, Any], theta2: dict[str, Any], manifest: pd.DataFrame, params: dict[str, Any]
+    theta1: CheckpointRef, theta2: CheckpointRef, manifest: pd.DataFrame, params: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sweep beta on the validation split, keep the best merged checkpoint and the sweep's scores."""
+    theta1, theta2 = as_checkpoint(theta1), as_checkpoint(theta2)
     metric = params["metric"]
     lang = resolve_lang(params["lang"], manifest, params["split"], "merge.lang")
 

@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 
 from vlalign.tracking.mlflow import register_checkpoint
+from vlalign.train.checkpoint import as_checkpoint
 
 
 def register_merged_model(
@@ -17,4 +18,5 @@ def register_merged_model(
     params: dict[str, Any],
 ) -> dict[str, Any]:
     """Register the merged model (an image/text embedder with a signature); return the version's record."""
-    return register_checkpoint(checkpoint, params["registered_model_name"], manifest, metrics, validation_report)
+    return register_checkpoint(as_checkpoint(checkpoint), params["registered_model_name"], manifest, metrics,
+                               validation_report)

@@ -1,4 +1,4 @@
-"""Training node: one stage of multi-stage training, reused per stage through Kedro namespaces."""
+"""Training nodes: the training rows as shards, then one stage per namespace, each a call of `vlalign train`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ from typing import Any
 
 import pandas as pd
 
-from vlalign.data.formats import AUTO, resolve_langs
-from vlalign.models import get_model_config
-from vlalign.tracking.mlflow import StageRunLogger
-from vlalign.train import CheckpointStore, StageConfig, train_stage
+from vlalign.data.formats import AUTO
 from vlalign.errors import ConfigError
+from vlalign.models import get_model_config
+from vlalign.tracking.mlflow import tracking_context
+from vlalign.train import StageConfig
+from vlalign.train.checkpoint import CheckpointRef
+from vlalign.train.run import run_stage
+from vlalign.train.spec import TrainSpec
 
 
 def stage_params(training: dict[str, Any], stage_name: str) -> dict[str, Any]:
@@ -26,19 +29,42 @@ def stage_params(training: dict[str, Any], stage_name: str) -> dict[str, Any]:
     )
 
 
-def train_one_stage(
-    manifest: pd.DataFrame,
-    store: CheckpointStore,
-    model: dict[str, Any],
-    training: dict[str, Any],
-    init_checkpoint: dict[str, Any] | None = None,
-    *,
-    stage_name: str,
-) -> dict[str, Any]:
-    """Train one stage from the previous stage's checkpoint (or from scratch) and return its final checkpoint."""
+def training_rows(clean_manifest: pd.DataFrame) -> pd.DataFrame:
+    """The clean manifest's ``train`` split: what the shards hold and every stage trains on."""
+    rows = clean_manifest[clean_manifest["split"] == "train"]
+    if rows.empty:
+        raise ConfigError(f"the clean manifest has no split == 'train' rows (splits: {sorted(clean_manifest['split'].unique())}); "
+                          "check the corpus's split fields and the quarantine file.")
+    return rows.reset_index(drop=True)
+
+
+def stage_spec(shards: Any, stage_dir: str, model: dict[str, Any], training: dict[str, Any], stage_name: str,
+               init: CheckpointRef | None) -> TrainSpec:
+    """The TrainSpec of one stage: resolved configs (``caption_langs: auto`` = the shards' languages), the shard
+    index, the stage folder, the previous stage's final.pt, and the active MLflow run as parent."""
     model_cfg = get_model_config(model["name"], **model.get("overrides", {}))
     params = dict(stage_params(training, stage_name))
-    params["caption_langs"] = resolve_langs(params.get("caption_langs", AUTO), manifest, "train")
+    if params.get("caption_langs", AUTO) == AUTO:
+        params["caption_langs"] = list(shards.langs)
     stage = StageConfig.from_dict(params)
-    with StageRunLogger(stage.name, params={"model": model_cfg.to_dict(), "stage": stage.to_dict()}) as logger:
-        return train_stage(model_cfg, stage, manifest, init_checkpoint, store, callbacks=[logger])
+    return TrainSpec(model=model_cfg.to_dict(), stage=stage.to_dict(), data=shards.location, out_dir=stage_dir,
+                     init=init.path if init is not None else None, mlflow=tracking_context())
+
+
+def train_one_stage(
+    shards: Any,
+    stage_dir: str,
+    model: dict[str, Any],
+    training: dict[str, Any],
+    kubernetes: dict[str, Any],
+    init_checkpoint: CheckpointRef | None = None,
+    *,
+    stage_name: str,
+) -> CheckpointRef:
+    """Run one stage (here, or as a Kubernetes job when its ``compute`` is ``kubernetes``); hand on its final.pt."""
+    spec = stage_spec(shards, stage_dir, model, training, stage_name, init_checkpoint)
+    if spec.stage["compute"] == "kubernetes":
+        from vlalign.launch.k8s import KubernetesConfig, run_stage_on_kubernetes
+
+        return CheckpointRef(str(run_stage_on_kubernetes(spec, KubernetesConfig.from_dict(kubernetes))))
+    return CheckpointRef(str(run_stage(spec)))

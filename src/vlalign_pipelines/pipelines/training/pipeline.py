@@ -1,13 +1,13 @@
-"""Training pipeline: one stage's node, instantiated once per stage under the stage's namespace.
+"""Training pipeline: the training rows as tar shards, then one stage's node per stage under its namespace.
 
-Stage N reads ``stage{N-1}.final_checkpoint``; each stage keeps its resumable checkpoints in
-``<stage>.checkpoint_store`` (see the dataset factories in conf/base/catalog.yml).
+Stage N reads ``stage{N-1}.final_checkpoint``; each stage writes its spec, resumable checkpoints and final.pt in
+``<stage>.stage_dir`` (see the dataset factories in conf/base/catalog.yml).
 """
 
 from __future__ import annotations
 
 import os
-from functools import partial
+from functools import partial, update_wrapper
 from pathlib import Path
 
 from kedro.config import OmegaConfigLoader
@@ -15,7 +15,7 @@ from kedro.pipeline import Pipeline, node, pipeline
 
 from vlalign.errors import ConfigError
 
-from .nodes import train_one_stage
+from .nodes import train_one_stage, training_rows
 
 
 def stage_names(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
@@ -36,27 +36,20 @@ def stage_names(conf_source: str | Path = "conf", env: str | None = None) -> lis
 
 def stage_pipeline(stage_name: str, previous: str | None) -> Pipeline:
     """The training node for ``stage_name``, namespaced, starting from ``previous``'s final checkpoint."""
-    inputs = ["clean_manifest", "checkpoint_store", "params:model", "params:training"]
-    mapping = {"clean_manifest": "clean_manifest"}
+    inputs = ["train_shards", "stage_dir", "params:model", "params:training", "params:kubernetes"]
+    mapping = {"train_shards": "train_shards"}
     if previous is not None:
         inputs.append("init_checkpoint")
         mapping["init_checkpoint"] = f"{previous}.final_checkpoint"
-    base = pipeline(
-        [
-            node(
-                partial(train_one_stage, stage_name=stage_name),
-                inputs=inputs,
-                outputs="final_checkpoint",
-                name="train",
-            )
-        ]
-    )
-    return pipeline(base, namespace=stage_name, inputs=mapping, parameters={"params:model", "params:training"})
+    func = update_wrapper(partial(train_one_stage, stage_name=stage_name), train_one_stage)
+    base = pipeline([node(func, inputs=inputs, outputs="final_checkpoint", name="train")])
+    return pipeline(base, namespace=stage_name, inputs=mapping,
+                    parameters={"params:model", "params:training", "params:kubernetes"})
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     names = kwargs.get("stages") or stage_names()
-    stages = Pipeline([])
+    stages = Pipeline([node(training_rows, inputs="clean_manifest", outputs="train_shards", name="write_training_shards")])
     for index, name in enumerate(names):
         stages += stage_pipeline(name, names[index - 1] if index else None)
     return stages
