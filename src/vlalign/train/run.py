@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,8 +66,14 @@ def run_stage(spec: TrainSpec, callbacks: Sequence[TrainCallback] = ()) -> Path:
                                 experiment_id=spec.mlflow.get("experiment_id"),
                                 tracking_uri=spec.mlflow.get("tracking_uri"), force=True)
         extra.append(logger)
-    with logger:
-        train_stage(model_cfg, stage, data, init, store, callbacks=[*callbacks, *extra], dist=dist)
+    try:
+        with logger:
+            train_stage(model_cfg, stage, data, init, store, callbacks=[*callbacks, *extra], dist=dist)
+    except BaseException as exc:
+        if dist.distributed:  # torchrun then tears the job down; say which rank started it
+            print(f"vlalign train: rank {dist.rank}/{dist.world_size} failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+        raise
     return store.final_path
 
 

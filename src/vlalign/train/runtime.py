@@ -94,7 +94,7 @@ class Runtime:
 
             wrapped = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                forward_sync_buffers=False,  # buffers (queues, counters) are per-rank state, never overwritten
             )
         if compile_model:
             wrapped = torch.compile(wrapped)

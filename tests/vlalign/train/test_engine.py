@@ -20,7 +20,12 @@ from vlalign.objectives import Objective, ObjectiveContext, build_objective, lis
 from vlalign.train import CheckpointStore, StageConfig, load_checkpoint, model_from_checkpoint, train_stage
 from vlalign.train.optim import build_optimizer, set_trainable
 
-from test_train import TINY, manifest  # noqa: F401  (the module-scoped 16-image manifest fixture)
+from shared import TINY, make_manifest
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_manifest(tmp_path_factory.mktemp("images"))
 
 
 # ------------------------------------------------------------------------------------------------

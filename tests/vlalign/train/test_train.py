@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from vlalign.data.datasets import ImageTextDataset, collate_pairs
 from vlalign.errors import CheckpointError, ConfigError
@@ -18,43 +18,13 @@ from vlalign.models import build_model, build_tokenizer_for, build_transform, ge
 from vlalign.train import CheckpointStore, StageConfig, load_checkpoint, model_from_checkpoint, save_checkpoint, train_stage
 from vlalign.train.optim import WarmupCosine, build_optimizer, no_decay_names
 
-TINY = {
-    "embed_dim": 16,
-    "image": {
-        "image_size": 32,
-        "max_shift": 2,
-        "timm_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-    },
-    "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "context_length": 16, "dropout": 0.1},
-}
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (35, 75, 225), "yellow": (245, 225, 30)}
-SHAPES = ("circle", "square")
+from shared import TINY, make_manifest
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
     """16 train images (colour x shape x left/right) with 2 English and 1 Chinese caption, plus 2 test rows."""
-    root = tmp_path_factory.mktemp("images")
-    rows = []
-    for index, (colour, shape, side) in enumerate((c, s, p) for c in COLOURS for s in SHAPES for p in ("left", "right")):
-        image = Image.new("RGB", (32, 32), (118, 118, 118))
-        x = 8 if side == "left" else 24
-        box = [x - 5, 11, x + 5, 21]
-        draw = ImageDraw.Draw(image)
-        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
-        path = root / f"{index}.png"
-        image.save(path)
-        captions = [("en", f"a {colour} {shape} on the {side}"), ("en", f"one {colour} {shape}"), ("zh", "红色圆形")]
-        for k, (lang, caption) in enumerate(captions):
-            rows.append(
-                {"image_id": str(index), "image_path": str(path), "caption": caption, "caption_id": f"{lang}:{index}{k}",
-                 "split": "train", "lang": lang, "source": f"test:{index}:{k}", "image_root": str(root.resolve())}
-            )
-    rows += [
-        dict(rows[0], split="test", image_id="t0", caption_id="en:t0"),
-        dict(rows[3], split="test", image_id="t1", caption_id="en:t1"),
-    ]
-    return pd.DataFrame(rows)
+    return make_manifest(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

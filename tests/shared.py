@@ -1,0 +1,46 @@
+"""Helpers shared by test folders: a tiny model config and a tiny image-caption manifest on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageDraw
+
+#: A tiny tiny-vit-bert: trains in a second on 2 cores.
+TINY = {
+    "embed_dim": 16,
+    "image": {
+        "image_size": 32,
+        "max_shift": 2,
+        "timm_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+    },
+    "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "context_length": 16, "dropout": 0.1},
+}
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (35, 75, 225), "yellow": (245, 225, 30)}
+SHAPES = ("circle", "square")
+
+
+def make_manifest(root: Path) -> pd.DataFrame:
+    """16 train images (colour x shape x left/right) with 2 English and 1 Chinese caption, plus 2 test rows."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, (colour, shape, side) in enumerate((c, s, p) for c in COLOURS for s in SHAPES for p in ("left", "right")):
+        image = Image.new("RGB", (32, 32), (118, 118, 118))
+        x = 8 if side == "left" else 24
+        box = [x - 5, 11, x + 5, 21]
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+        path = root / f"{index}.png"
+        image.save(path)
+        captions = [("en", f"a {colour} {shape} on the {side}"), ("en", f"one {colour} {shape}"), ("zh", "红色圆形")]
+        for k, (lang, caption) in enumerate(captions):
+            rows.append(
+                {"image_id": str(index), "image_path": str(path), "caption": caption, "caption_id": f"{lang}:{index}{k}",
+                 "split": "train", "lang": lang, "source": f"test:{index}:{k}", "image_root": str(root.resolve())}
+            )
+    rows += [
+        dict(rows[0], split="test", image_id="t0", caption_id="en:t0"),
+        dict(rows[3], split="test", image_id="t1", caption_id="en:t1"),
+    ]
+    return pd.DataFrame(rows)
