@@ -351,7 +351,7 @@ def train_stage(
                 objective.after_step(model, step)
                 bar.update(1)
                 if step % stage.log_every == 0 or step == total_steps:
-                    values = all_reduce_mean({k: float(v) for k, v in terms.items()}, dist, runtime.device)
+                    values = all_reduce_mean({k: float(v.detach()) for k, v in terms.items()}, dist, runtime.device)
                     if not math.isfinite(values["loss"]):
                         raise FloatingPointError(
                             f"stage {stage.name!r}: the loss became {values['loss']} at step {step}; lower lr "
