@@ -46,6 +46,7 @@ a DataLoader with ``stream.num_workers`` workers would.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import heapq
 import io
@@ -85,6 +86,7 @@ _MEMBER = re.compile(r"^(?P<key>\d+)\.(?P<ext>[a-z0-9]+)$")
 _EXT = re.compile(r"^[a-z0-9]+$")
 _PLAN_TAG = 0x53484152  # seeds the shard permutation: (seed, epoch, tag)
 _BUFFER_TAG = 0x42554646  # seeds a worker's shuffle buffer: (seed, epoch, rank, worker, tag)
+_DRAW_CHUNK = 1 << 16  # shuffle-buffer draws are made in chunks of this many (part of the stream's definition)
 
 
 # --------------------------------------------------------------------------------------------------- the index
@@ -140,8 +142,9 @@ class ShardIndex:
             ok = ok and isinstance(item["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", item["sha256"]) is not None
             ok = ok and all(isinstance(item[k], int) and item[k] > 0 for k in ("n_samples", "n_bytes"))
             if not ok:
-                raise DatasetFormatError(f"{where}: shards[{i}] is {str(item)[:120]}; expected {{name: "
-                                         "'<split>-<k>-<sha16>.tar', sha256: 64 hex digits, n_samples > 0, n_bytes > 0}.")
+                raise DatasetFormatError(
+                    f"{where}: shards[{i}] is {str(item)[:120]}; expected {{name: '<split>-<k>-<sha16>.tar', "
+                    "sha256: 64 hex digits, n_samples > 0, n_bytes > 0}.")
             shards.append(ShardInfo(**item))
         total = sum(s.n_samples for s in shards)
         if total != data["n_samples"] or not shards:
@@ -292,36 +295,39 @@ def _select_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
 
 def _samples(rows: pd.DataFrame) -> tuple[list[dict], str, list[str]]:
     """One record per image (sorted by image_id, captions in manifest order), the rows' fingerprint, the langs."""
-    rows = rows.reset_index(drop=True)
-    order = sorted(rows.groupby("image_id", sort=False).indices.items())  # [(image_id, row positions)]
+    n = len(rows)
+    col = {c: rows[c].tolist() if c in rows.columns else [None] * n
+           for c in ("image_id", "image_path", "caption", "lang", "image_root", "caption_id", "entry", "source")}
+    groups: dict[str, list[int]] = {}
+    for i, image_id in enumerate(col["image_id"]):
+        groups.setdefault(image_id, []).append(i)
     digest = hashlib.sha256()
     samples = []
-    has = {c: c in rows.columns for c in ("caption_id", "entry", "source")}
-    for image_id, positions in order:
-        group = rows.iloc[positions]
-        paths = group["image_path"].unique()
+    for image_id in sorted(groups):
+        positions = groups[image_id]
+        paths = list(dict.fromkeys(col["image_path"][i] for i in positions))
         if len(paths) != 1:
-            raise DatasetFormatError(f"image_id {image_id!r} names {len(paths)} image files ({list(paths)[:3]}); "
+            raise DatasetFormatError(f"image_id {image_id!r} names {len(paths)} image files ({paths[:3]}); "
                                      "expected one file per image id. Give the corpora distinct id_prefix values.")
         captions: dict[str, list[str]] = {}
         caption_ids: dict[str, list[str | None]] = {}
         where: list[str] = []
-        for _, row in group.iterrows():
-            digest.update((json.dumps([image_id, row["image_path"], row["caption"], row["lang"]],
+        for i in positions:
+            digest.update((json.dumps([image_id, paths[0], col["caption"][i], col["lang"][i]],
                                       ensure_ascii=False) + "\n").encode("utf-8"))
-            captions.setdefault(row["lang"], []).append(row["caption"])
-            cid = row["caption_id"] if has["caption_id"] else None
-            caption_ids.setdefault(row["lang"], []).append(cid if isinstance(cid, str) else None)
-            entry = row["entry"] if has["entry"] and isinstance(row["entry"], str) else (
-                row["source"] if has["source"] and isinstance(row["source"], str) else None)
+            captions.setdefault(col["lang"][i], []).append(col["caption"][i])
+            cid = col["caption_id"][i]
+            caption_ids.setdefault(col["lang"][i], []).append(cid if isinstance(cid, str) else None)
+            entry = next((v for v in (col["entry"][i], col["source"][i]) if isinstance(v, str) and v), None)
             if entry and entry not in where:
                 where.append(entry)
-        first = group.iloc[0]
-        samples.append({"image_id": image_id, "path": first["image_path"], "roots": decode_roots(first["image_root"]),
-                        "row": _shard_problem(first), "captions": captions, "caption_ids": caption_ids,
+        first = positions[0]
+        source = col["source"][first]
+        samples.append({"image_id": image_id, "path": paths[0], "roots": decode_roots(col["image_root"][first]),
+                        "row": source if isinstance(source, str) and source else f"image_id {image_id!r}",
+                        "captions": captions, "caption_ids": caption_ids,
                         "source": "; ".join(where) if where else None})
-    langs = sorted(rows["lang"].unique().tolist())
-    return samples, digest.hexdigest(), langs
+    return samples, digest.hexdigest(), sorted(set(col["lang"]))
 
 
 def _image_member(sample: dict, max_pixels: int) -> tuple[str, bytes]:
@@ -699,15 +705,16 @@ def buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
         return np.arange(n, dtype=np.int64)
     size = min(buffer, n)
     slots = list(range(size))
-    out: list[int] = []
-    for i, j in enumerate(rng.integers(0, size, size=n - size).tolist()):  # steady state: (n - size,) draws
-        out.append(slots[j])
-        slots[j] = size + i
+    out = array.array("q")  # 8 bytes per item, not a Python int each
+    for begin in range(0, n - size, _DRAW_CHUNK):  # steady state: (n - size,) draws, in fixed-size chunks
+        for i, j in enumerate(rng.integers(0, size, size=min(_DRAW_CHUNK, n - size - begin)).tolist(), begin):
+            out.append(slots[j])
+            slots[j] = size + i
     for j in rng.integers(0, np.arange(size, 0, -1)).tolist():  # drain: one draw per remaining length
         out.append(slots[j])
         slots[j] = slots[-1]
         slots.pop()
-    return np.asarray(out, dtype=np.int64)
+    return np.frombuffer(out, dtype=np.int64).copy()
 
 
 def _order(index: ShardIndex, shards: list[int], epoch: int, seed: int, rank: int, worker: int,
@@ -885,25 +892,30 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not len(needed):
             return
         starts = self.index.shard_starts()
-        wanted = set(needed.tolist())
-        holding = set((np.searchsorted(starts, needed, side="right") - 1).tolist())  # shards holding some
+        offset = np.zeros(len(self.index.shards), dtype=np.int64)  # per shard: its first position in this worker
+        offset[shards] = np.cumsum([0] + [self.index.shards[s].n_samples for s in shards[:-1]])
+        shard_of = np.searchsorted(starts, needed, side="right") - 1  # (M,)
+        wanted = np.zeros(sum(self.index.shards[s].n_samples for s in shards), dtype=bool)  # by worker position
+        wanted[offset[shard_of] + needed - starts[shard_of]] = True
+        holding = set(np.unique(shard_of).tolist())  # the shards holding some needed sample
 
-        def reader() -> Iterator[ShardSample]:
+        def reader() -> Iterator[tuple[int, ShardSample]]:
             for s in shards:
                 if s in holding:
                     shard = self.index.shards[s]
-                    yield from iter_shard(self.index.shard_url(shard), int(starts[s]), shard.n_samples)
+                    for sample in iter_shard(self.index.shard_url(shard), int(starts[s]), shard.n_samples):
+                        yield int(offset[s]) + sample.ordinal - int(starts[s]), sample
 
         source = reader()
         waiting: dict[int, ShardSample] = {}
         try:
-            for target in needed.tolist():
+            for target in map(int, needed):  # not .tolist(): no Python int per needed sample at once
                 while target not in waiting:
-                    sample = next(source, None)
+                    position, sample = next(source, (None, None))
                     if sample is None:
                         raise DatasetFormatError(f"{self.index.location}: sample {target} was not found in the "
                                                  "shards; the index does not match them. Re-write the shards.")
-                    if sample.ordinal in wanted:
+                    if wanted[position]:
                         waiting[sample.ordinal] = sample
                 yield waiting.pop(target)
         finally:
