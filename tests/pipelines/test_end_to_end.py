@@ -40,9 +40,15 @@ def test_default_pipeline_end_to_end(project: Path) -> None:
     assert len(quarantine) == 0
     assert list((data / "08_reporting" / "data_docs").rglob("index.html"))
 
-    # Training: one final checkpoint per stage, stage 2 started from stage 1.
+    # Training: the training rows as shards, one stage folder each (spec, final checkpoint written once), stage 2
+    # started from stage 1.
+    shards = json.loads((data / "05_model_input" / "shards" / "train" / "shards.json").read_text())
+    assert shards["n_samples"] == clean[clean["split"] == "train"]["image_id"].nunique()
     for stage in ("stage1", "stage2"):
         assert (data / "06_models" / stage / "final.pt").exists()
+        spec = json.loads((data / "06_models" / stage / "spec.json").read_text())
+        assert spec["data"].endswith("05_model_input/shards/train") and spec["stage"]["caption_langs"] == ["en", "zh"]
+    assert json.loads((data / "06_models" / "stage2" / "spec.json").read_text())["init"].endswith("stage1/final.pt")
 
     # Merge: the sweep tried every beta and kept the best one.
     sweep = json.loads((data / "08_reporting" / "merge_sweep.json").read_text())
@@ -110,7 +116,7 @@ def test_rerun_resumes_and_reuses_finished_stages(project: Path) -> None:
     """Running training again with the same inputs reuses each stage's completed checkpoint, untouched."""
     run_session(project, "validation")
     run_session(project, "training")
-    stored = {s: project / "data" / "06_models" / s / "checkpoints" / "final.pt" for s in ("stage1", "stage2")}
+    stored = {s: project / "data" / "06_models" / s / "final.pt" for s in ("stage1", "stage2")}
     written = {s: path.stat().st_mtime_ns for s, path in stored.items()}
     first = load_checkpoint(project / "data" / "06_models" / "stage2" / "final.pt")
     run_session(project, "training")

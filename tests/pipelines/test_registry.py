@@ -36,7 +36,8 @@ def _nodes_by_namespace(pipe) -> dict[str, object]:
 
 def test_training_stages_are_namespaced_and_chained() -> None:
     nodes = _nodes_by_namespace(create_training_pipeline(stages=STAGES))
-    assert list(nodes) == STAGES
+    assert list(nodes) == [None, *STAGES]  # the shard step, then the stages
+    assert nodes[None].name == "write_training_shards" and nodes[None].outputs == ["train_shards"]
 
     for index, stage in enumerate(STAGES):
         node = nodes[stage]
@@ -44,8 +45,8 @@ def test_training_stages_are_namespaced_and_chained() -> None:
         assert node.outputs == [f"{stage}.final_checkpoint"]
         # the same training function, told which stage it is
         assert node.func.keywords == {"stage_name": stage}
-        # shared inputs are not namespaced; the checkpoint store is per stage
-        assert {"clean_manifest", "params:model", "params:training", f"{stage}.checkpoint_store"} <= set(node.inputs)
+        # shared inputs are not namespaced; the stage folder is per stage
+        assert {"train_shards", "params:model", "params:training", "params:kubernetes", f"{stage}.stage_dir"} <= set(node.inputs)
         checkpoints = [name for name in node.inputs if name.endswith("final_checkpoint")]
         if index == 0:
             assert checkpoints == [], f"stage1 must start without an init checkpoint, got {checkpoints}"
@@ -56,16 +57,16 @@ def test_training_stages_are_namespaced_and_chained() -> None:
 def test_training_pipeline_inputs_and_outputs() -> None:
     pipe = create_training_pipeline(stages=STAGES)
     assert pipe.inputs() == {
-        "clean_manifest", "params:model", "params:training", *(f"{s}.checkpoint_store" for s in STAGES)
+        "clean_manifest", "params:model", "params:training", "params:kubernetes", *(f"{s}.stage_dir" for s in STAGES)
     }
     # intermediate stage checkpoints are consumed inside the pipeline; only the last is a free output
     assert pipe.outputs() == {"stage3.final_checkpoint"}
     order = [node.namespace for node in pipe.nodes]  # topological order
-    assert order == STAGES
+    assert order == [None, *STAGES]
 
 
 def test_single_stage_pipeline() -> None:
-    (node,) = create_training_pipeline(stages=["only"]).nodes
+    shard, node = create_training_pipeline(stages=["only"]).nodes
     assert node.outputs == ["only.final_checkpoint"]
     assert not [name for name in node.inputs if name.endswith("final_checkpoint")]
 

@@ -156,7 +156,10 @@ class ShardData(TrainData):
 
     def batches(self, epoch: int, start: int) -> Iterable[dict[str, Any]]:
         self.stream.set_position(epoch, start)
-        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        # its own generator: a DataLoader with workers otherwise draws its base seed from the global RNG, which would
+        # shift the model's dropout stream between a straight run and a resumed one
+        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          generator=torch.Generator())
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.index.source_fingerprint.encode())
