@@ -27,3 +27,7 @@ class IncompatibleCheckpointsError(CheckpointError):
 
 class WeightsNotFoundError(VLAlignError, FileNotFoundError):
     """Local pretrained weights or vocab files were not found (vlalign never downloads them)."""
+
+
+class KubernetesJobError(VLAlignError, RuntimeError):
+    """A training stage submitted to Kubernetes failed, timed out, or could not be submitted or collected."""
