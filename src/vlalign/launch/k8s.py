@@ -472,11 +472,11 @@ def run_stage_on_kubernetes(spec: TrainSpec, config: KubernetesConfig, *, api_cl
     echo(f"stage {stage}: pod-side spec written to {written}")
     api = KubeApi(api_client if api_client is not None else default_api_client(config), config.namespace)
     template = load_template(config, api)
-    in_configmap = spec_json if config.storage.kind == "fsspec" else None
 
     attempts = config.max_resubmits + 1
     for attempt in range(attempts):
-        rendered = render_stage(template, config, stage=stage, spec_path=spec_path, attempt=attempt, spec_json=in_configmap)
+        rendered = render_stage(template, config, stage=stage, spec_path=spec_path, attempt=attempt, spec_json=spec_json,
+                                spec_in_configmap=config.storage.kind == "fsspec")
         _check(rendered)
         for note in rendered.notes:
             echo(f"note: a TrainJob cannot carry the template's {note}; the runtime decides it")

@@ -143,11 +143,14 @@ def render_stage(
     spec_path: str,
     attempt: int = 0,
     spec_json: str | None = None,
+    spec_in_configmap: bool = False,
 ) -> RenderedStage:
     """Objects that run ``torchrun -m vlalign train --spec spec_path`` on ``config.nnodes`` pods.
 
-    ``spec_json``: when given (object storage), the spec travels in a ConfigMap mounted at /etc/vlalign and
-    ``spec_path`` must be ``/etc/vlalign/spec.json``; otherwise ``spec_path`` is a file on the shared volume.
+    ``spec_json``: the spec's text; it goes into the job's name hash (a changed spec is a new job, an unchanged
+    one is followed if still running). With ``spec_in_configmap`` (object storage) it travels in a ConfigMap
+    mounted at /etc/vlalign and ``spec_path`` is ``/etc/vlalign/spec.json``; otherwise ``spec_path`` is a file on
+    the shared volume.
     """
     check_template(template, f"PodTemplate {template.get('metadata', {}).get('name')}")
     engine = resolve_engine(config, template)
@@ -166,7 +169,9 @@ def render_stage(
     nproc = config.nproc_per_node or _gpus(container) or 1
     command = ["torchrun", "-m", "vlalign", "train", "--spec", spec_path]
     objects: list[dict] = []
-    if spec_json is not None:
+    if spec_in_configmap:
+        if spec_json is None:
+            raise ValueError("spec_in_configmap needs spec_json")
         objects.append(_spec_configmap(name, config.namespace, labels, spec_json))
         _mount_spec(pod["spec"], container, name)
     meta_labels = dict(labels, **({QUEUE_LABEL: queue} if queue else {}))

@@ -150,6 +150,8 @@ class FakeCluster:
                             self._seen.add(name)
                             run = Run(kind, name, obj)
                             self.runs.append(run)
+                            if not self.scenarios:
+                                continue  # nothing scripted: the job just sits there
                             scenario = self.scenarios[min(len(self.runs) - 1, len(self.scenarios) - 1)]
                             threading.Thread(target=self._drive, args=(scenario, run), daemon=True).start()
             except Exception as exc:  # noqa: BLE001 - surfaced by the tests

@@ -8,9 +8,11 @@ Kueue admission, a TrainJob, and object storage. No real cluster runs here.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
+import kmock
 import pytest
 import yaml
 
@@ -239,3 +241,42 @@ def test_spec_outside_the_shared_volume_is_refused(cluster, podtemplate, launche
     with pytest.raises(ConfigError, match=r"train spec data=.* is not on the shared volume"):
         run_stage_on_kubernetes(spec, fast_config(shared), api_client=launcher_client, echo=Echo())
     assert cluster.runs == []
+
+
+def test_a_restarted_pipeline_follows_the_running_job(cluster, podtemplate, launcher_client, emulator, shared):
+    release = threading.Event()
+
+    def slow(fake: FakeCluster, run: Run) -> None:
+        release.wait(10)
+        succeed(fake, run)
+
+    cluster.scenarios = [slow]
+    results, first_echo, second_echo = {}, Echo(), Echo()
+    config = fast_config(shared)
+    first = threading.Thread(target=lambda: results.setdefault(
+        "first", run_stage_on_kubernetes(_spec(shared), config, api_client=launcher_client, echo=first_echo)))
+    first.start()
+    deadline = time.monotonic() + 10
+    while not cluster.runs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second_client = emulator.api_client()
+    second_client.user_agent = launcher_client.user_agent
+    second = threading.Thread(target=lambda: results.setdefault(
+        "second", run_stage_on_kubernetes(_spec(shared), config, api_client=second_client, echo=second_echo)))
+    second.start()
+    time.sleep(0.2)
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert results["first"] == results["second"] == shared / "06_models" / "stage1" / "final.pt"
+    assert len(cluster.runs) == 1  # one job, followed by both
+    assert "already running (submitted earlier with the same spec): following it" in second_echo.text
+
+
+def test_forbidden_submission_explains_rbac(cluster, podtemplate, launcher_client, emulator, shared):
+    status = {"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
+              "message": 'jobs.batch is forbidden: User "system:serviceaccount:vlalign:default" cannot create resource "jobs"'}
+    emulator.handler[kmock.action.CREATE, kmock.resource("batch/v1/jobs")] << 403 << status
+    # (kmock stores the object even when a reaction answers: the fake controllers have no scenario for it)
+    with pytest.raises(KubernetesJobError, match=r"(?s)creating Job .* HTTP 403.*cannot create resource.*Role vlalign-submitter"):
+        run_stage_on_kubernetes(_spec(shared), fast_config(shared), api_client=launcher_client, echo=Echo())

@@ -106,6 +106,8 @@ def test_names_are_stable_short_dns_labels(template):
     assert first.name == again.name  # same inputs: same job (a restarted pipeline follows the running one)
     assert render_stage(template, KubernetesConfig(), stage="stage1", spec_path=SPEC, attempt=1).name.endswith("-r1")
     assert _render(template, nnodes=2).name != first.name
+    changed = render_stage(template, KubernetesConfig(), stage="stage1", spec_path=SPEC, spec_json='{"epochs": 2}')
+    assert changed.name != first.name  # a changed spec is a new job, not the running one
     name = job_name("vlalign", "A Very_Long Stage Name With Spaces" * 3, "0123456789abcdef", 12)
     assert len(name) <= 52 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
 
@@ -165,7 +167,8 @@ def test_trainjob_refuses_pet_variables_in_the_template(template):
 
 def test_object_storage_spec_travels_in_a_configmap(template):
     rendered = render_stage(template, KubernetesConfig(storage=StorageConfig(kind="fsspec", url="s3://b/v")),
-                            stage="stage1", spec_path="/etc/vlalign/spec.json", spec_json='{"x": 1}')
+                            stage="stage1", spec_path="/etc/vlalign/spec.json", spec_json='{"x": 1}',
+                            spec_in_configmap=True)
     configmap, service, job = rendered.objects
     assert configmap["kind"] == "ConfigMap" and configmap["data"] == {"spec.json": '{"x": 1}'}
     pod = job["spec"]["template"]["spec"]
