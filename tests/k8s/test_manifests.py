@@ -93,12 +93,12 @@ def validate(doc: dict) -> str:
 
 def _base_files() -> list[tuple[str, dict]]:
     found = []
-    for path in sorted((K8S / "base").glob("*.yaml")):
+    for path in sorted([*(K8S / "base").glob("*.yaml"), *(K8S / "tools").glob("*.yaml")]):
         if path.name == "kustomization.yaml":
             continue
         for i, doc in enumerate(yaml.safe_load_all(path.read_text(encoding="utf-8"))):
             if doc:
-                found.append((f"{path.name}[{i}]", doc))
+                found.append((f"{path.parent.name}/{path.name}[{i}]", doc))
     return found
 
 

@@ -468,6 +468,7 @@ def run_stage_on_kubernetes(spec: TrainSpec, config: KubernetesConfig, *, api_cl
     storage = SharedStorage(config.storage)
     pod_spec, spec_path, _ = storage.pod_spec(spec, config.mlflow_tracking_uri, echo)
     spec_json = json.dumps(pod_spec.to_dict(), indent=2, sort_keys=True)
+    identity = json.dumps({k: v for k, v in pod_spec.to_dict().items() if k != "mlflow"}, sort_keys=True)
     written = storage.write_spec(spec.out_dir, pod_spec.out_dir, spec_json)
     echo(f"stage {stage}: pod-side spec written to {written}")
     api = KubeApi(api_client if api_client is not None else default_api_client(config), config.namespace)
@@ -476,7 +477,7 @@ def run_stage_on_kubernetes(spec: TrainSpec, config: KubernetesConfig, *, api_cl
     attempts = config.max_resubmits + 1
     for attempt in range(attempts):
         rendered = render_stage(template, config, stage=stage, spec_path=spec_path, attempt=attempt, spec_json=spec_json,
-                                spec_in_configmap=config.storage.kind == "fsspec")
+                                spec_in_configmap=config.storage.kind == "fsspec", identity=identity)
         _check(rendered)
         for note in rendered.notes:
             echo(f"note: a TrainJob cannot carry the template's {note}; the runtime decides it")

@@ -144,18 +144,20 @@ def render_stage(
     attempt: int = 0,
     spec_json: str | None = None,
     spec_in_configmap: bool = False,
+    identity: str | None = None,
 ) -> RenderedStage:
     """Objects that run ``torchrun -m vlalign train --spec spec_path`` on ``config.nnodes`` pods.
 
     ``spec_json``: the spec's text; it goes into the job's name hash (a changed spec is a new job, an unchanged
     one is followed if still running). With ``spec_in_configmap`` (object storage) it travels in a ConfigMap
     mounted at /etc/vlalign and ``spec_path`` is ``/etc/vlalign/spec.json``; otherwise ``spec_path`` is a file on
-    the shared volume.
+    the shared volume. ``identity``: what names the job instead of ``spec_json`` (the launcher leaves out the
+    MLflow run ids, which change with every pipeline run, so that a restarted pipeline finds its running job).
     """
     check_template(template, f"PodTemplate {template.get('metadata', {}).get('name')}")
     engine = resolve_engine(config, template)
     queue = resolve_queue(config, template)
-    digest = _digest(template, config, stage, spec_path, spec_json)
+    digest = _digest(template, config, stage, spec_path, spec_json if identity is None else identity)
     name = job_name(config.job_name_prefix, stage, digest, attempt)
     labels = {
         "app.kubernetes.io/name": "vlalign",

@@ -253,8 +253,11 @@ def test_a_restarted_pipeline_follows_the_running_job(cluster, podtemplate, laun
     cluster.scenarios = [slow]
     results, first_echo, second_echo = {}, Echo(), Echo()
     config = fast_config(shared)
+    tracking = {"tracking_uri": "http://vlalign-mlflow:5000", "experiment_id": "1"}
+    first_spec = _spec(shared, mlflow={**tracking, "parent_run_id": "run-of-the-first-pipeline"})
+    second_spec = _spec(shared, mlflow={**tracking, "parent_run_id": "run-of-the-restarted-pipeline"})
     first = threading.Thread(target=lambda: results.setdefault(
-        "first", run_stage_on_kubernetes(_spec(shared), config, api_client=launcher_client, echo=first_echo)))
+        "first", run_stage_on_kubernetes(first_spec, config, api_client=launcher_client, echo=first_echo)))
     first.start()
     deadline = time.monotonic() + 10
     while not cluster.runs and time.monotonic() < deadline:
@@ -262,7 +265,7 @@ def test_a_restarted_pipeline_follows_the_running_job(cluster, podtemplate, laun
     second_client = emulator.api_client()
     second_client.user_agent = launcher_client.user_agent
     second = threading.Thread(target=lambda: results.setdefault(
-        "second", run_stage_on_kubernetes(_spec(shared), config, api_client=second_client, echo=second_echo)))
+        "second", run_stage_on_kubernetes(second_spec, config, api_client=second_client, echo=second_echo)))
     second.start()
     time.sleep(0.2)
     release.set()
