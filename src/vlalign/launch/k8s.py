@@ -458,12 +458,29 @@ def load_template(config: KubernetesConfig, api: KubeApi) -> dict:
     return check_template(template, f"PodTemplate {config.template_name} in namespace {config.namespace}")
 
 
-def run_stage_on_kubernetes(spec: TrainSpec, config: KubernetesConfig, *, api_client=None, echo: Echo = print) -> Path:
-    """Train one stage on the cluster and return the local path of its ``final.pt`` (see the module docstring).
+@dataclass
+class PreparedStage:
+    """A stage ready to render: its pod-side spec, written to the shared storage."""
 
-    Raises :class:`~vlalign.errors.KubernetesJobError` when the job fails, cannot be scheduled, cannot pull its
-    image, times out, or keeps losing nodes; :class:`~vlalign.errors.ConfigError` for a bad configuration.
-    """
+    stage: str  # stage name
+    spec: TrainSpec  # the spec as given (local paths)
+    pod_spec: TrainSpec  # the spec as the pods see it
+    spec_path: str  # the spec file in the pods
+    spec_json: str  # the pod-side spec's text
+    identity: str  # what names the job: the pod-side spec without the MLflow run ids
+    storage: SharedStorage  # how files travel
+
+    def render(self, template: dict, config: KubernetesConfig, attempt: int = 0) -> RenderedStage:
+        """The objects of one attempt, checked (restricted profile, TrainJob schema)."""
+        rendered = render_stage(template, config, stage=self.stage, spec_path=self.spec_path, attempt=attempt,
+                                spec_json=self.spec_json, spec_in_configmap=config.storage.kind == "fsspec",
+                                identity=self.identity)
+        _check(rendered)
+        return rendered
+
+
+def prepare_stage(spec: TrainSpec, config: KubernetesConfig, echo: Echo = print) -> PreparedStage:
+    """Translate the spec for the pods (uploading inputs to object storage) and write it to the shared storage."""
     stage = str(spec.stage.get("name") or Path(spec.out_dir).name)
     storage = SharedStorage(config.storage)
     pod_spec, spec_path, _ = storage.pod_spec(spec, config.mlflow_tracking_uri, echo)
@@ -471,14 +488,37 @@ def run_stage_on_kubernetes(spec: TrainSpec, config: KubernetesConfig, *, api_cl
     identity = json.dumps({k: v for k, v in pod_spec.to_dict().items() if k != "mlflow"}, sort_keys=True)
     written = storage.write_spec(spec.out_dir, pod_spec.out_dir, spec_json)
     echo(f"stage {stage}: pod-side spec written to {written}")
+    return PreparedStage(stage, spec, pod_spec, spec_path, spec_json, identity, storage)
+
+
+def stage_manifests(spec: TrainSpec, config: KubernetesConfig, template: dict | None = None, *, attempt: int = 0,
+                    echo: Echo = print) -> list[dict]:
+    """The objects :func:`run_stage_on_kubernetes` submits for ``spec`` (after writing the pod-side spec), without
+    a cluster: ``template`` is a PodTemplate dict, or None for the file ``config.template`` names.
+
+    With :func:`~vlalign.launch.render.pod_command_env` this gives what each pod runs, e.g. to run it locally.
+    """
+    if template is None:
+        if config.template == "cluster":
+            raise ConfigError("stage_manifests needs a template (or kubernetes.template set to a YAML file) without a cluster.")
+        template = load_template_file(config.template, config.template_name)
+    return prepare_stage(spec, config, echo).render(check_template(template, "template"), config, attempt).objects
+
+
+def run_stage_on_kubernetes(spec: TrainSpec, config: KubernetesConfig, *, api_client=None, echo: Echo = print) -> Path:
+    """Train one stage on the cluster and return the local path of its ``final.pt`` (see the module docstring).
+
+    Raises :class:`~vlalign.errors.KubernetesJobError` when the job fails, cannot be scheduled, cannot pull its
+    image, times out, or keeps losing nodes; :class:`~vlalign.errors.ConfigError` for a bad configuration.
+    """
+    prepared = prepare_stage(spec, config, echo)
+    stage, storage, pod_spec = prepared.stage, prepared.storage, prepared.pod_spec
     api = KubeApi(api_client if api_client is not None else default_api_client(config), config.namespace)
     template = load_template(config, api)
 
     attempts = config.max_resubmits + 1
     for attempt in range(attempts):
-        rendered = render_stage(template, config, stage=stage, spec_path=spec_path, attempt=attempt, spec_json=spec_json,
-                                spec_in_configmap=config.storage.kind == "fsspec", identity=identity)
-        _check(rendered)
+        rendered = prepared.render(template, config, attempt)
         for note in rendered.notes:
             echo(f"note: a TrainJob cannot carry the template's {note}; the runtime decides it")
         _submit(api, rendered, config, echo)

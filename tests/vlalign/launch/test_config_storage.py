@@ -179,3 +179,23 @@ def test_object_storage_upload_skips_files_already_there(tmp_path):
     said.clear()
     storage.upload(str(shards / "shards.json"), "data", said.append)
     assert said == []  # nothing copied twice
+
+
+def test_stage_manifests_give_a_locally_runnable_pod_command(tmp_path):
+    """What the local torchrun test needs: a Job whose pods see the shared folder at the same path as here."""
+    from vlalign.launch.k8s import stage_manifests
+    from vlalign.launch.render import pod_command_env
+
+    shared = str(tmp_path / "shared")
+    template = load_template_file(REPO / "k8s/base/train-podtemplate.yaml")
+    mounts = template["template"]["spec"]["containers"][0]["volumeMounts"]
+    next(m for m in mounts if m["name"] == "data")["mountPath"] = shared  # the pods mount it where it is here
+    config = KubernetesConfig(nnodes=2, storage=StorageConfig(local_root=shared, mount_path=shared))
+    spec = _spec(data=f"{shared}/03_primary/m.parquet", out_dir=f"{shared}/06_models/s")
+    manifests = stage_manifests(spec, config, template, echo=lambda _: None)
+    command, env = pod_command_env(manifests, 1)
+    assert command[:5] == ["torchrun", "-m", "vlalign", "train", "--spec"]
+    written = TrainSpec.load(command[5])  # the pod-side spec is on the shared folder, readable here
+    assert written.out_dir == spec.out_dir and written.data == spec.data
+    assert env["PET_NODE_RANK"] == "1" and env["PET_NNODES"] == "2" and env["PET_MASTER_PORT"] == "29500"
+    assert env["PET_MASTER_ADDR"].endswith("-0." + manifests[-1]["metadata"]["name"])
