@@ -156,7 +156,7 @@ class FakeCluster:
                             threading.Thread(target=self._drive, args=(scenario, run), daemon=True).start()
             except Exception as exc:  # noqa: BLE001 - surfaced by the tests
                 self.errors.append(exc)
-            time.sleep(0.005)
+            time.sleep(0.02)
 
     def _drive(self, scenario: Scenario, run: Run) -> None:
         try:
