@@ -231,6 +231,17 @@ def pod_state(pod: dict, container: str, position: int) -> PodState:
     return state
 
 
+def summarize(states: list[PodState], detail_up_to: int = 4) -> str:
+    """One line of pod phases: per rank for a few pods, counts per phase for many."""
+    if len(states) <= detail_up_to:
+        return ", ".join(s.describe() for s in states)
+    counts: dict[str, int] = {}
+    for s in states:
+        key = s.describe().split(" ", 2)[2]  # the phase (and reason) without "rank N"
+        counts[key] = counts.get(key, 0) + 1
+    return f"{len(states)} pods: " + ", ".join(f"{n} {phase}" for phase, n in sorted(counts.items()))
+
+
 def workload_condition(obj: dict) -> tuple[str, str, str] | None:
     """("Complete" | "Failed", reason, message) once a Job or TrainJob has finished, else None."""
     for cond in (obj.get("status") or {}).get("conditions") or []:
@@ -302,7 +313,7 @@ class _Watch:
         pods = sorted(self.api.list_pods(self.rendered.name), key=lambda p: (p.get("metadata") or {}).get("name", ""))
         states = sorted((pod_state(p, self.rendered.container, i) for i, p in enumerate(pods)), key=lambda s: (s.rank, s.name))
         suspended = bool((workload.get("spec") or {}).get("suspend"))
-        summary = ", ".join(s.describe() for s in states) or ("suspended: waiting for Kueue to admit it" if suspended else "no pods yet")
+        summary = summarize(states) or ("suspended: waiting for Kueue to admit it" if suspended else "no pods yet")
         if summary != self.last_summary:
             self.echo(f"[{self.rendered.name}] {summary}")
             self.last_summary = summary

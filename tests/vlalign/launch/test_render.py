@@ -238,3 +238,19 @@ def test_template_file_errors(tmp_path):
     other.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}))
     with pytest.raises(ConfigError, match=r"expected one PodTemplate named 'vlalign-train'.*ConfigMap/x"):
         load_template_file(other)
+
+
+def test_pod_phase_summary_and_log_overlap():
+    from vlalign.launch.k8s import PodState, new_lines, pod_state, summarize
+
+    few = [PodState("a", 0, "Running"), PodState("b", 1, "Pending", reason="Unschedulable")]
+    assert summarize(few) == "rank 0 Running, rank 1 Pending (Unschedulable)"
+    many = [PodState(f"p{i}", i, "Running") for i in range(7)] + [PodState("p7", 7, "Pending", reason="ErrImagePull")]
+    assert summarize(many) == "8 pods: 1 Pending (ErrImagePull), 7 Running"
+    assert new_lines(["a", "b", "c"], ["b", "c", "d", "e"]) == ["d", "e"]
+    assert new_lines(["a", "b"], ["a", "b"]) == []
+    assert new_lines(["x"], ["y", "z"]) == ["y", "z"]  # no overlap: the tail moved past everything seen
+    pod = {"metadata": {"name": "p", "annotations": {INDEX_ANNOTATION: "3"}},
+           "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}}
+    state = pod_state(pod, "train", 0)
+    assert state.rank == 3 and state.disrupted == "Evicted: The node was low on resource: memory."
