@@ -35,6 +35,7 @@ from vlalign.launch.render import (
     RenderedStage,
     check_template,
     load_template_file,
+    pod_command_env,  # noqa: F401 - re-exported: what a pod of stage_manifests(...) runs
     render_stage,
 )
 from vlalign.launch.storage import SharedStorage
