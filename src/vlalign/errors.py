@@ -31,3 +31,7 @@ class WeightsNotFoundError(VLAlignError, FileNotFoundError):
 
 class LossInputError(VLAlignError, ValueError):
     """The tensors given to a loss function have the wrong shape, dtype, device or row offset."""
+
+
+class KubernetesJobError(VLAlignError, RuntimeError):
+    """A training stage submitted to Kubernetes failed, timed out, or could not be submitted or collected."""
