@@ -310,8 +310,8 @@ def _truthy(value: str | None) -> bool:
 def _project_path() -> Path:
     from kedro.utils import find_kedro_project
 
-    metadata = click.get_current_context(silent=True)
-    project_path = getattr(getattr(metadata, "obj", None), "project_path", None)
+    context = click.get_current_context(silent=True)  # under `kedro`, its obj is the ProjectMetadata
+    project_path = getattr(getattr(context, "obj", None), "project_path", None)
     return Path(project_path or find_kedro_project(Path.cwd()) or Path.cwd())
 
 
