@@ -83,7 +83,7 @@ def test_evaluate_a_checkpoint_path_then_a_registered_version(project: Path, tmp
     run_evaluate(project, str(ckpt_path))
     by_path = check_outputs(project, str(ckpt_path))
 
-    image = next((project / "data" / "01_raw" / "demo" / "flickr_demo" / "images").glob("*.png"))
+    image = next((project / "data" / "01_raw" / "demo_test" / "flickr_demo" / "images").glob("*.png"))
     record = register_model(ckpt_path, "vlalign-clip", png_bytes(image))
     assert record["model_uri"] == "models:/vlalign-clip/1"
     loaded = load_checkpoint_from_uri("models:/vlalign-clip/1")
