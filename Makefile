@@ -43,7 +43,8 @@ viz: setup
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
-# Removes generated data and models (never the raw data you brought yourself).
+# Removes generated data and models (never the raw data you brought yourself), other environments' and
+# run names' outputs (data/runs/) and run logs (data/logs/) included.
 clean-outputs:
-	rm -rf data/01_raw/demo data/02_intermediate/* data/03_primary/* data/04_quarantine/* data/06_models/* data/08_reporting/*
+	rm -rf data/01_raw/demo data/01_raw/demo_test data/runs data/logs data/02_intermediate/* data/03_primary/* data/04_quarantine/* data/06_models/* data/08_reporting/*
 	@for d in 02_intermediate 03_primary 04_quarantine 06_models 08_reporting; do touch data/$$d/.gitkeep; done

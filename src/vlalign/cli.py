@@ -7,8 +7,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
+
+from vlalign.errors import find_vlalign_error, format_report
+
+#: Environment variable that turns on tracebacks for expected failures (``1``, ``true`` or ``yes``).
+VERBOSE_ENV_VAR = "VLALIGN_VERBOSE"
+#: Environment variable naming the folder of failure logs (default: ``<tmp>/vlalign-logs``).
+LOG_DIR_ENV_VAR = "VLALIGN_LOG_DIR"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -75,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vlalign",
         description="vlalign library commands. Run the pipelines with `kedro run` (see README.md).",
     )
+    parser.add_argument(
+        "--verbose", dest="show_traceback", action="store_true",
+        help=f"on an expected failure, print the traceback too (also: {VERBOSE_ENV_VAR}=1); "
+        "give it before the command, e.g. `vlalign --verbose checkpoint x.pt`",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="generate the built-in default dataset (offline, seeded, idempotent)")
@@ -117,12 +133,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write_traceback(exc: BaseException, command: str) -> Path | None:
+    """The traceback of ``exc`` in ``$VLALIGN_LOG_DIR`` (default ``<tmp>/vlalign-logs``); None if unwritable."""
+    folder = Path(os.environ.get(LOG_DIR_ENV_VAR) or Path(tempfile.gettempdir()) / "vlalign-logs")
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}_vlalign-{command}_{os.getpid()}.log"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"vlalign {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc)),
+                        encoding="utf-8")
+    except OSError:
+        return None
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. An expected failure (a ``VLAlignError``) prints a short message and returns 1;
+    any other error keeps its traceback."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        ours = find_vlalign_error(exc)
+        if ours is None:
+            raise
+        verbose = args.show_traceback or os.environ.get(VERBOSE_ENV_VAR, "").lower() in ("1", "true", "yes", "on")
+        if verbose:
+            traceback.print_exception(exc, file=sys.stderr)
+        log_file = _write_traceback(exc, args.command)
+        footer = (f"Full traceback: {log_file} (or run again as `vlalign --verbose {args.command} ...`)",) if log_file else ()
+        title = f"Error: vlalign {args.command} failed ({type(ours).__name__}):"
+        print(format_report(title, str(ours).strip(), footer=footer), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -35,3 +35,62 @@ class LossInputError(VLAlignError, ValueError):
 
 class KubernetesJobError(VLAlignError, RuntimeError):
     """A training stage submitted to Kubernetes failed, timed out, or could not be submitted or collected."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reporting: the short message the command-line tools print instead of a traceback
+# ---------------------------------------------------------------------------------------------------------
+
+#: Most lines of a report's body; the rest is in the log file.
+MAX_REPORT_BODY_LINES = 14
+
+
+def exception_chain(exc: BaseException):
+    """``exc``, then its causes and contexts (``raise ... from``, or raised while handling one), each once."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__cause__, current.__context__]
+
+
+def find_vlalign_error(exc: BaseException) -> VLAlignError | None:
+    """The first :class:`VLAlignError` in ``exc``'s chain (frameworks wrap ours, e.g. Kedro's DatasetError)."""
+    return next((item for item in exception_chain(exc) if isinstance(item, VLAlignError)), None)
+
+
+def _wrap(text: str, width: int, indent: str) -> list[str]:
+    import textwrap
+
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        lines += textwrap.wrap(
+            paragraph, width=width, initial_indent=indent, subsequent_indent=indent,
+            break_long_words=False, break_on_hyphens=False,
+        ) or [indent]
+    return lines
+
+
+def format_report(
+    title: str, detail: str, *, hint: str = "", footer: tuple[str, ...] = (), width: int | None = None,
+    max_body_lines: int = MAX_REPORT_BODY_LINES,
+) -> str:
+    """A short failure report: the title line, the indented detail (cut at ``max_body_lines``), the hint, the footer.
+
+    Lines are wrapped at ``width`` (default: the terminal width, 60 to 110 columns), never inside a word or
+    a path, so at most about ``max_body_lines + 6`` lines come out.
+    """
+    import shutil
+
+    width = width or min(max(shutil.get_terminal_size((100, 24)).columns, 60), 110)
+    body = _wrap(detail, width, "  ")
+    if len(body) > max_body_lines:
+        body = body[: max_body_lines - 1] + [f"  ... ({len(body) - max_body_lines + 1} more lines in the log file)"]
+    lines = _wrap(title, width, "") + body
+    if hint:
+        lines += _wrap(hint, width, "  ")
+    return "\n".join(lines + list(footer))

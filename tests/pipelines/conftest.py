@@ -12,7 +12,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from vlalign_pipelines.settings import run_location
+
 REPO = Path(__file__).resolve().parents[2]
+
+
+def run_dir(project: Path, env: str | None = None, run_name: str = "default") -> Path:
+    """Output root of a run in ``project``: ``data`` for the default run, ``data/runs/<env>/<run_name>`` else."""
+    return project / run_location(env, run_name).run_dir
 
 
 def make_project(tmp_path: Path) -> Path:

@@ -5,18 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kedro.config import OmegaConfigLoader
 
 from vlalign.data.fixtures import make_coco_cn_fixture, make_imagenet_fixture
 from vlalign_pipelines.datasets import CocoCnDataset, ZeroShotSetDataset
-from vlalign_pipelines.settings import CONFIG_LOADER_ARGS
+from vlalign_pipelines.settings import CONFIG_LOADER_ARGS, RunConfigLoader
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 @pytest.mark.parametrize("env", ["flickr30k", "coco_cn", "imagenet"])
 def test_env_config_resolves(env):
-    loader = OmegaConfigLoader(str(CONF), **{**CONFIG_LOADER_ARGS, "default_run_env": env})
+    loader = RunConfigLoader(str(CONF), env, **CONFIG_LOADER_ARGS)
     catalog, params = loader["catalog"], loader["parameters"]
     assert (CONF / env / "README.md").is_file()
     assert params["evaluation"].keys() >= {"split", "lang", "zero_shot_lang", "retrieval_dataset", "zero_shot_dataset"}

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from vlalign.train import load_checkpoint
 
+from conftest import run_dir
 
 
 def run_session(project: Path, pipeline: str | None = None) -> None:
@@ -31,7 +32,8 @@ def run_session(project: Path, pipeline: str | None = None) -> None:
 def test_default_pipeline_end_to_end(project: Path) -> None:
     run_session(project)
 
-    data = project / "data"
+    data = run_dir(project, "test")
+    assert data == project / "data" / "runs" / "test" / "default"
     # Validation: every raw row is either clean or quarantined, and Data Docs were written.
     report = json.loads((data / "08_reporting" / "validation_report.json").read_text())
     clean = pd.read_parquet(data / "03_primary" / "clean_manifest.parquet")
@@ -116,10 +118,11 @@ def test_rerun_resumes_and_reuses_finished_stages(project: Path) -> None:
     """Running training again with the same inputs reuses each stage's completed checkpoint, untouched."""
     run_session(project, "validation")
     run_session(project, "training")
-    stored = {s: project / "data" / "06_models" / s / "final.pt" for s in ("stage1", "stage2")}
+    models = run_dir(project, "test") / "06_models"
+    stored = {s: models / s / "final.pt" for s in ("stage1", "stage2")}
     written = {s: path.stat().st_mtime_ns for s, path in stored.items()}
-    first = load_checkpoint(project / "data" / "06_models" / "stage2" / "final.pt")
+    first = load_checkpoint(models / "stage2" / "final.pt")
     run_session(project, "training")
     assert {s: path.stat().st_mtime_ns for s, path in stored.items()} == written  # no stage trained again
-    second = load_checkpoint(project / "data" / "06_models" / "stage2" / "final.pt")
+    second = load_checkpoint(models / "stage2" / "final.pt")
     assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])

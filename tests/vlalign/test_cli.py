@@ -43,3 +43,41 @@ def test_help_names_the_subcommands() -> None:
     assert all(name in text for name in ("demo", "models", "checkpoint"))
     with pytest.raises(SystemExit):
         main([])
+
+
+# ------------------------------------------------------------------------------------------------
+# Expected failures: a short message and exit status 1; the traceback goes to a log file
+# ------------------------------------------------------------------------------------------------
+
+
+def test_expected_failure_prints_a_short_message(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLALIGN_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.delenv("VLALIGN_VERBOSE", raising=False)
+    missing = tmp_path / "nope.pt"
+    assert main(["checkpoint", str(missing)]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[0] == "Error: vlalign checkpoint failed (CheckpointError):"
+    assert str(missing) in err and len(lines) <= 20 and "Traceback" not in err
+    (log,) = (tmp_path / "logs").iterdir()
+    assert f"Full traceback: {log}" in err
+    assert "Traceback (most recent call last)" in log.read_text() and "CheckpointError" in log.read_text()
+
+
+def test_verbose_prints_the_traceback_too(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLALIGN_LOG_DIR", str(tmp_path / "logs"))
+    bad = json.dumps({"n_train": 0})
+    assert main(["--verbose", "demo", "--root", str(tmp_path / "d"), "--config", bad]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ConfigError: DemoConfig.n_train=0" in err
+    assert "Error: vlalign demo failed (ConfigError):" in err
+    monkeypatch.setenv("VLALIGN_VERBOSE", "1")
+    assert main(["demo", "--root", str(tmp_path / "d"), "--config", bad]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_unexpected_errors_keep_their_traceback(tmp_path: Path) -> None:
+    with pytest.raises(json.JSONDecodeError):  # not a vlalign error: raised as is
+        main(["demo", "--root", str(tmp_path / "d"), "--config", "{not json"])

@@ -17,7 +17,7 @@ from kedro.framework.startup import bootstrap_project
 
 from vlalign.data.fixtures import make_coco_cn_fixture, make_flickr30k_fixture, make_imagenet_fixture
 
-from conftest import make_project
+from conftest import make_project, run_dir
 from test_evaluate_pipeline import tiny_checkpoint
 
 
@@ -36,7 +36,7 @@ def run_env(project: Path, env: str, model_uri: str) -> dict:
     bootstrap_project(project)
     with KedroSession.create(project_path=project, env=env, runtime_params={"model_uri": model_uri}) as session:
         session.run(pipeline_name="evaluate")
-    out = project / "data" / "08_reporting" / "evaluate"
+    out = run_dir(project, env) / "08_reporting" / "evaluate"
     assert (out / "report" / "report.html").exists()
     return json.loads((out / "metrics.json").read_text())
 
@@ -50,7 +50,7 @@ def test_flickr30k_karpathy_fixture(project: Path) -> None:
     assert retrieval["n_images"] == fixture["splits"]["test"]
     assert retrieval["n_captions"] == fixture["splits"]["test"] * 5
     assert "retrieval_zh" not in metrics
-    records = sorted(p.name for p in (project / "data/08_reporting/evaluate/clip_benchmark").glob("*.json"))
+    records = sorted(p.name for p in (run_dir(project, "flickr30k") / "08_reporting/evaluate/clip_benchmark").glob("*.json"))
     assert "flickr30k_zeroshot_retrieval_en.json" in records
 
 

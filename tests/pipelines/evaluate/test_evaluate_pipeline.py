@@ -21,6 +21,8 @@ from vlalign.train import StageConfig, save_checkpoint
 from vlalign.train.checkpoint import FORMAT
 from vlalign_pipelines.pipeline_registry import register_pipelines
 
+from conftest import run_dir
+
 REPO = Path(__file__).resolve().parents[3]
 RECORDS = [
     "demo-flickr_image_caption_selection_en.json",
@@ -46,7 +48,7 @@ def tiny_checkpoint(path: Path) -> Path:
 
 
 def check_outputs(project: Path, source: str) -> dict:
-    out = project / "data" / "08_reporting" / "evaluate"
+    out = run_dir(project, "test") / "08_reporting" / "evaluate"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"]["source"] == source and metrics["model"]["name"] == "tiny-vit-bert"
     assert {"retrieval", "retrieval_zh", "zero_shot", "compositional"} <= set(metrics)
@@ -61,8 +63,8 @@ def check_outputs(project: Path, source: str) -> dict:
         assert record["model"] == "tiny-vit-bert" and record["pretrained"] == source
         assert all(isinstance(v, float) for v in record["metrics"].values())
     # the default pipeline's outputs are untouched
-    assert not (project / "data" / "08_reporting" / "metrics.json").exists()
-    assert not (project / "data" / "08_reporting" / "clip_benchmark").exists()
+    assert not (run_dir(project, "test") / "08_reporting" / "metrics.json").exists()
+    assert not (run_dir(project, "test") / "08_reporting" / "clip_benchmark").exists()
     return metrics
 
 
@@ -81,7 +83,7 @@ def test_evaluate_a_checkpoint_path_then_a_registered_version(project: Path, tmp
     run_evaluate(project, str(ckpt_path))
     by_path = check_outputs(project, str(ckpt_path))
 
-    image = next((project / "data" / "01_raw" / "demo" / "flickr_demo" / "images").glob("*.png"))
+    image = next((project / "data" / "01_raw" / "demo_test" / "flickr_demo" / "images").glob("*.png"))
     record = register_model(ckpt_path, "vlalign-clip", png_bytes(image, [image.parent]))
     assert record["model_uri"] == "models:/vlalign-clip/1"
     loaded = load_checkpoint_from_uri("models:/vlalign-clip/1")

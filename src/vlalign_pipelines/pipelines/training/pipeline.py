@@ -10,20 +10,23 @@ import os
 from functools import partial, update_wrapper
 from pathlib import Path
 
-from kedro.config import OmegaConfigLoader
 from kedro.pipeline import Pipeline, node, pipeline
 
 from vlalign.errors import ConfigError
+from vlalign_pipelines.settings import CONFIG_LOADER_ARGS, DEFAULT_ENV, RunConfigLoader
 
 from .nodes import train_one_stage, training_rows
 
 
 def stage_names(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
-    """Stage names in order, as ``training.stages`` lists them in the project configuration."""
-    env = env or os.environ.get("KEDRO_ENV") or "local"
-    loader = OmegaConfigLoader(
-        conf_source=str(conf_source), base_env="base", default_run_env=env, merge_strategy={"parameters": "soft"}
-    )
+    """Stage names in order, as ``training.stages`` lists them in the project configuration.
+
+    The pipeline registry runs before Kedro hands the ``--env`` of ``kedro run`` to anything, so the
+    environment comes from ``KEDRO_ENV``, which the project's ``kedro run`` (vlalign_pipelines.cli) sets
+    from ``--env``. The project's config loader is used, so paths written with ``${globals:run_dir}`` resolve.
+    """
+    env = env or os.environ.get("KEDRO_ENV") or DEFAULT_ENV
+    loader = RunConfigLoader(conf_source=str(conf_source), env=env, **CONFIG_LOADER_ARGS)
     stages = (loader["parameters"].get("training") or {}).get("stages")
     if not stages or not all(isinstance(s, dict) and s.get("name") for s in stages):
         raise ConfigError(
