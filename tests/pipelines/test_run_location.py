@@ -48,7 +48,9 @@ def data_paths(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
 def outputs_of(catalog: dict, params: dict) -> dict[str, str]:
     """Every path a run writes: catalog entries other than raw inputs, and path parameters."""
     found = {w: p for w, p in data_paths({k: v for k, v in catalog.items() if k not in INPUTS})}
-    found.update({f"params:{w}": p for w, p in data_paths(params) if not p.startswith(RAW)})
+    # the Kubernetes storage mapping names the shared data folder (where pods mount it), not an output
+    paths = {k: v for k, v in params.items() if k != "kubernetes"}
+    found.update({f"params:{w}": p for w, p in data_paths(paths) if not p.startswith(RAW)})
     return found
 
 
@@ -88,7 +90,8 @@ def test_default_run_keeps_the_simple_paths(monkeypatch: pytest.MonkeyPatch) -> 
     catalog, params, globals_ = load(None)
     assert globals_["run_dir"] == "data"
     assert catalog["clean_manifest"]["filepath"] == "data/03_primary/clean_manifest.parquet"
-    assert catalog["{stage}.checkpoint_store"]["path"] == "data/06_models/{stage}/checkpoints"
+    assert catalog["{stage}.stage_dir"]["path"] == "data/06_models/{stage}"
+    assert catalog["train_shards"]["path"] == "data/05_model_input/shards/train"
     assert catalog["metrics"]["dataset"]["filepath"] == "data/08_reporting/metrics.json"
     assert params["validation"]["quarantine_file"] == "data/04_quarantine/quarantine.csv"
     assert params["evaluation"]["report_dir"] == "data/08_reporting/report"

@@ -78,6 +78,7 @@ def test_every_bad_entry_is_quarantined_with_its_reason_and_counted(corpus, capl
     manifest, expected, tmp_path = corpus
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("untrusted-corpus")  # not an experiment id left over from another test's store
     caplog.set_level(logging.INFO)
     try:
         with mlflow.start_run() as run:
