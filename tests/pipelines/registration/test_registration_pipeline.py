@@ -27,7 +27,7 @@ from vlalign.models import build_model, get_model_config
 from vlalign.tracking.hashing import dvc_hash, weights_sha256
 from vlalign.train import StageConfig, load_checkpoint, save_checkpoint
 from vlalign.train.checkpoint import FORMAT
-from vlalign_pipelines.pipelines.registration.nodes import lineage_outputs
+from vlalign_pipelines.pipelines.registration.nodes import RUN_PARAMETERS, lineage_outputs
 from vlalign_pipelines.pipelines.registration.pipeline import create_pipeline
 
 REPO = Path(__file__).resolve().parents[3]
@@ -90,7 +90,8 @@ def parameters() -> dict[str, Any]:
     assert registration["lineage"]["inputs"]["raw_data"] == "${globals:demo_root}"
     registration["lineage"]["inputs"]["raw_data"] = "data/01_raw/demo"
     stages = [{"name": "stage1", "seed": 0}, {"name": "stage2", "seed": 1}]
-    return {"registration": registration, "training": {"stages": stages}}
+    return {"registration": registration, "training": {"stages": stages}, "model": {"name": "tiny-vit-bert"},
+            "validation": {}, "merge": {"betas": [0.0, 1.0]}, "evaluation": {"probe": {"seed": 4}}}
 
 
 def metrics(manifest: pd.DataFrame, recall: float, acc1: float, data: str = "e" * 64) -> dict[str, Any]:
@@ -116,8 +117,7 @@ def run_registration(params: dict[str, Any], scores: dict[str, Any]) -> DataCata
         "clean_manifest": KeptMemoryDataset(manifest),
         "metrics": KeptMemoryDataset(scores),
         "validation_report": KeptMemoryDataset({"n_rows": len(manifest), "n_clean": len(manifest), "rejected_fraction": 0.0}),
-        "parameters": KeptMemoryDataset(params),
-        "params:registration": KeptMemoryDataset(params["registration"]),
+        **{f"params:{name}": KeptMemoryDataset(params[name]) for name in RUN_PARAMETERS},
         "registered_model": KeptMemoryDataset(),
         "gate_decision": KeptMemoryDataset(),
     })
@@ -128,8 +128,8 @@ def run_registration(params: dict[str, Any], scores: dict[str, Any]) -> DataCata
 
 def test_pipeline_wiring() -> None:
     pipe = create_pipeline()
-    assert pipe.inputs() == {"merged_checkpoint", "clean_manifest", "metrics", "validation_report", "parameters",
-                             "params:registration"}
+    assert pipe.inputs() == {"merged_checkpoint", "clean_manifest", "metrics", "validation_report",
+                             *(f"params:{name}" for name in RUN_PARAMETERS)}
     assert pipe.outputs() == {"gate_decision"}
     assert [n.name for n in pipe.nodes] == ["register_merged_model", "gate_registered_model"]
 
@@ -166,7 +166,9 @@ def test_register_then_gate(workdir: Path) -> None:
     merged = load_checkpoint("data/06_models/merged/merged.pt")
     assert lineage["outputs"]["merged"]["weights_sha256"] == lineage["outputs"]["registered"]["weights_sha256"] \
         == weights_sha256(merged["model"])
-    assert lineage["seeds"] == {"training.stages.stage1.seed": 0, "training.stages.stage2.seed": 1}
+    assert lineage["seeds"] == {"training.stages.stage1.seed": 0, "training.stages.stage2.seed": 1,
+                                "evaluation.probe.seed": 4}
+    assert set(lineage["params"]) == set(RUN_PARAMETERS)
     assert lineage["params"]["registration"]["gate"] == params["registration"]["gate"]
     assert lineage["training_data"]["images_outside_inputs"] == 0
     flavor = mlflow.models.Model.load(f"models:/{NAME}/1").flavors["python_function"]

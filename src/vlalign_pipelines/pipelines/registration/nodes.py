@@ -13,6 +13,10 @@ from vlalign.tracking.registry import GateConfig, apply_gate, format_decision
 log = logging.getLogger(__name__)
 
 
+#: The parameter groups of a default run, recorded in the lineage (the registration node reads them all).
+RUN_PARAMETERS = ("validation", "model", "training", "merge", "evaluation", "registration")
+
+
 def lineage_outputs(parameters: dict[str, Any]) -> dict[str, str]:
     """Checkpoint files the run wrote: each stage's ``final.pt`` (in ``training.stages`` order) and the merged model."""
     lineage = parameters["registration"].get("lineage") or {}
@@ -30,9 +34,12 @@ def register_merged_model(
     manifest: pd.DataFrame,
     metrics: dict[str, Any],
     validation_report: dict[str, Any],
-    parameters: dict[str, Any],
+    **parameters: dict[str, Any],
 ) -> dict[str, Any]:
-    """Register the merged model (an image/text embedder with a signature) with its lineage; return the version's record."""
+    """Register the merged model (an image/text embedder with a signature) with its lineage; return the version's record.
+
+    ``parameters``: the run's parameter groups (``RUN_PARAMETERS``), recorded as the resolved parameters.
+    """
     params = parameters["registration"]
     lineage = params.get("lineage") or {}
     return register_checkpoint(

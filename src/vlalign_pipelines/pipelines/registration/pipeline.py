@@ -3,7 +3,7 @@ champion/challenger gate decides whether it takes the ``champion`` alias."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
-from .nodes import gate_registered_model, register_merged_model
+from .nodes import RUN_PARAMETERS, gate_registered_model, register_merged_model
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -11,7 +11,9 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 register_merged_model,
-                inputs=["merged_checkpoint", "clean_manifest", "metrics", "validation_report", "parameters"],
+                inputs={"checkpoint": "merged_checkpoint", "manifest": "clean_manifest", "metrics": "metrics",
+                        "validation_report": "validation_report",
+                        **{name: f"params:{name}" for name in RUN_PARAMETERS}},
                 outputs="registered_model",
                 name="register_merged_model",
             ),
