@@ -301,10 +301,14 @@ def model_files(model_config: Mapping[str, Any]) -> dict[str, str]:
 
 
 def images_outside(image_paths: Iterable[str], folders: Sequence[str]) -> list[str]:
-    """The distinct image paths that lie under none of ``folders`` (absolute-path prefix test)."""
-    roots = [os.path.join(os.path.abspath(f), "") for f in folders]
-    return [p for p in dict.fromkeys(map(str, image_paths))
-            if not any(os.path.abspath(p).startswith(root) for root in roots)]
+    """The distinct image paths that lie under none of ``folders`` (path-prefix test, symlinks resolved)."""
+    roots = {os.path.join(os.path.abspath(f), "") for f in folders} | {os.path.join(os.path.realpath(f), "") for f in folders}
+
+    def inside(path: str) -> bool:
+        return any(os.path.abspath(path).startswith(r) for r in roots) or \
+            any(os.path.realpath(path).startswith(r) for r in roots)
+
+    return [p for p in dict.fromkeys(map(str, image_paths)) if not inside(p)]
 
 
 def _jsonable(value: Any) -> Any:
