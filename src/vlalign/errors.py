@@ -27,3 +27,7 @@ class IncompatibleCheckpointsError(CheckpointError):
 
 class WeightsNotFoundError(VLAlignError, FileNotFoundError):
     """Local pretrained weights or vocab files were not found (vlalign never downloads them)."""
+
+
+class RegistryError(VLAlignError, RuntimeError):
+    """The model registry is not in the state an operation needs (e.g. a version that does not exist)."""

@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vlalign.errors import ConfigError
+from vlalign.errors import ConfigError, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -489,6 +489,12 @@ def evaluation_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
 def _client(client: Any = None) -> Any:
     if client is not None:
         return client
@@ -649,7 +655,8 @@ def apply_gate(name: str, version: int | str, gate: GateConfig, client: Any = No
     result = reconcile(name, gate, client, **reconcile_kwargs)
     decision = result.plan.decisions.get(version)
     if decision is None:
-        raise ConfigError(f"registered model {name!r} has no version {version} in READY state; cannot apply the gate.")
+        raise RegistryError(f"registered model {name!r} has no version {version} in READY state at "
+                            f"{_tracking_uri()}; register it first (vlalign.tracking.registry.register_version).")
     record = {
         "registered_model": name,
         "version": version,

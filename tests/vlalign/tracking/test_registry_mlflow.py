@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from vlalign.errors import RegistryError
 from vlalign.tracking.mlflow import StageRunLogger, log_dataset_input
 from vlalign.tracking.registry import (
     TAG_EVAL_DATASETS,
@@ -198,3 +199,11 @@ def test_stage_runs_have_flat_params_per_step_metrics_and_dataset_inputs(server_
     assert dataset.name == "clean_manifest" and dataset.digest == "0123456789abcdef0123456789abcdef"
     assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
     assert json.loads(dataset.profile)["num_rows"] == 2
+
+
+def test_gate_on_a_missing_version_says_so(server_uri: str) -> None:
+    client = MlflowClient(server_uri)
+    name = unique("missing")
+    new_version(client, name, 0.3)
+    with pytest.raises(RegistryError, match=f"registered model '{name}' has no version 7"):
+        apply_gate(name, 7, GATE, client)
