@@ -121,7 +121,11 @@ def dvc_hashes(
 
 
 def file_md5s(paths: Iterable[str | Path], state_dir: str | Path | None | bool = True) -> dict[str, str]:
-    """md5 of each file's bytes (DVC's file hash, cached in the same state), keyed by the path as given."""
+    """md5 of each file's bytes (DVC's file hash), keyed by the path as given.
+
+    Uses the same state cache as :func:`dvc_hash`, looked up and updated in one batch each (one database
+    transaction, not one per file).
+    """
     from dvc_data.hashfile.hash import hash_file
     from dvc_objects.fs.local import LocalFileSystem
 
@@ -129,11 +133,18 @@ def file_md5s(paths: Iterable[str | Path], state_dir: str | Path | None | bool =
         state_dir = default_state_dir()
     state = _state(str(state_dir) if state_dir else None)
     fs = LocalFileSystem()
-    out = {}
-    for path in dict.fromkeys(str(p) for p in paths):
-        _, info = hash_file(os.path.abspath(path), fs, "md5", state=state)
-        out[path] = info.value
-    return out
+    given = {os.path.abspath(p): p for p in dict.fromkeys(str(p) for p in paths)}
+    infos = {path: fs.info(path) for path in given}
+    out, fresh = {}, []
+    for path, _, info in state.get_many(list(infos), fs, infos):
+        if info is not None and info.name == "md5":
+            out[given[path]] = info.value
+        else:
+            _, info = hash_file(path, fs, "md5", info=infos[path])
+            out[given[path]] = info.value
+            fresh.append((path, info, infos[path]))
+    state.save_many(fresh, fs)
+    return {p: out[p] for p in given.values()}
 
 
 def weights_sha256(state_dict: Mapping[str, Any]) -> str:

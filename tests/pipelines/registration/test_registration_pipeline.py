@@ -78,6 +78,7 @@ def workdir(project: Path, store: str, tmp_path: Path, monkeypatch: pytest.Monke
     uri = store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("registration-tests")  # the active experiment of an earlier test is in another store
     yield project
     while mlflow.active_run() is not None:
         mlflow.end_run()
