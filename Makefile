@@ -12,7 +12,7 @@ export KEDRO_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup run test repro viz mlflow-ui clean-outputs
+.PHONY: setup run test repro viz mlflow-ui mlflow-server clean-outputs
 
 setup: $(STAMP)
 
@@ -42,6 +42,15 @@ viz: setup
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# A tracking server for the team on 127.0.0.1:$(MLFLOW_PORT): runs and the model registry in mlflow.db (sqlite),
+# artifacts uploaded to and served by the server from mlartifacts/. Point runs at it with
+#   export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
+# MLflow's background job runners (GenAI jobs, unused here) stay off, so stopping the server stops everything.
+MLFLOW_PORT ?= 5000
+mlflow-server: setup
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--artifacts-destination $(CURDIR)/mlartifacts --serve-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # Removes generated data and models (never the raw data you brought yourself), other environments' and
 # run names' outputs (data/runs/) and run logs (data/logs/) included.

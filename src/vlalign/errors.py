@@ -33,6 +33,10 @@ class LossInputError(VLAlignError, ValueError):
     """The tensors given to a loss function have the wrong shape, dtype, device or row offset."""
 
 
+class RegistryError(VLAlignError, RuntimeError):
+    """The model registry is not in the state an operation needs (e.g. a version that does not exist)."""
+
+
 class KubernetesJobError(VLAlignError, RuntimeError):
     """A training stage submitted to Kubernetes failed, timed out, or could not be submitted or collected."""
 

@@ -102,8 +102,24 @@ def test_default_pipeline_end_to_end(project: Path) -> None:
     assert len(parents) == 1 and None not in parents
     assert client.get_metric_history(stage_runs[0].info.run_id, "loss")
     registered = json.loads((data / "08_reporting" / "registered_model.json").read_text())
+    assert registered["name"] == "vlalign-tiny-vit-bert-demo-flickr_demo-imagenet"  # model family + evaluated datasets
     version = client.get_model_version(registered["name"], registered["version"])
-    assert version.tags["training_manifest_sha256"] == registered["lineage"]["training_data"]["manifest_sha256"]
+    lineage = registered["lineage"]
+    assert version.tags["training_manifest_sha256"] == lineage["training_data"]["manifest_sha256"]
+    # Lineage of the default run: DVC hashes of the inputs, every output checkpoint, the evaluated data.
+    assert version.tags["eval.data_sha256"] == metrics["evaluation_data"]["sha256"] == lineage["evaluation_data"]["sha256"]
+    assert set(metrics["evaluation_data"]["blocks"]) == {"retrieval", "retrieval_zh", "zero_shot", "compositional"}
+    assert lineage["inputs"]["raw_data"]["md5"].endswith(".dir") and lineage["inputs"]["clean_manifest"]["md5"]
+    assert version.tags["input.clean_manifest.md5"] == lineage["inputs"]["clean_manifest"]["md5"]
+    assert set(lineage["outputs"]) == {"stage1", "stage2", "merged", "registered"}
+    assert lineage["outputs"]["merged"]["weights_sha256"] == lineage["outputs"]["registered"]["weights_sha256"]
+    assert lineage["seeds"]["training.stages.stage1.seed"] == 0 and lineage["training_data"]["images_outside_inputs"] == 0
+    # The gate: the first version becomes champion and challenger, the decision is saved and tagged.
+    decision = json.loads((data / "08_reporting" / "gate_decision.json").read_text())
+    assert decision["outcome"] == "promote" and decision["champion"] == int(registered["version"])
+    assert {k: int(v) for k, v in client.get_registered_model(registered["name"]).aliases.items()} == \
+        {"champion": int(registered["version"]), "challenger": int(registered["version"])}
+    assert version.tags["gate.outcome"] == "promote"
 
     model = mlflow.pyfunc.load_model(registered["model_uri"])
     image_path = clean[clean["split"] == "test"]["image_path"].iloc[0]

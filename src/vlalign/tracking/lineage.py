@@ -1,22 +1,80 @@
-"""Lineage of a registered model: which code, data, parameters and checkpoints produced it.
+"""Lineage of a registered model: the code, data, parameters, environment and outputs that produced it.
 
-The manifest is a plain dict, written as ``lineage.json`` beside the model and flattened into
-model-version tags, so an auditor can go from a registry entry back to a git commit, the DVC-tracked
-data and the exact rows used for training.
+:func:`build_lineage` returns a plain JSON-serialisable dict, written as ``lineage.json`` beside the
+registered model and summarised in model-version tags (:func:`lineage_tags`). Every hash in it can be
+checked by an audit:
+
+- data hashes are DVC's own (``md5`` of a file, ``<md5>.dir`` of a folder; :func:`vlalign.tracking.hashing.dvc_hash`),
+  so they compare directly with ``dvc.lock``, ``.dvc`` files and the DVC cache;
+- checkpoint hashes come twice: the file's DVC md5, and ``weights_sha256`` over the tensors only, which a
+  retrain can reproduce although its checkpoint files differ (optimizer state, timestamps);
+- the git commit, with the uncommitted changes as a patch (``git apply``-able) in a separate artifact.
+
+``lineage.json`` fields (format ``vlalign-lineage-v2``):
+
+``format``
+    ``"vlalign-lineage-v2"``.
+``created``
+    UTC time the lineage was built (ISO 8601).
+``git``
+    ``commit`` (HEAD), ``branch``, ``dirty`` (tracked changes anywhere, untracked files under the watched
+    folders ``conf/`` and ``src/``, or git-ignored files under ``conf/`` such as ``conf/local/*.yml``),
+    ``tracked_changes`` / ``untracked`` / ``ignored_config`` (paths; ignored config files with their md5,
+    never their contents, since they may hold credentials; ``credentials*`` files are left out), and
+    ``diff_sha256`` (sha256 of the patch artifact). All ``None`` outside a git work tree.
+``inputs``
+    name -> ``{"path", "md5", "size", "isdir", "nfiles"?}``: every input file or folder the run used (raw
+    data, the clean manifest, shards, pretrained weight and vocabulary files), hashed as DVC does.
+``outputs``
+    name -> the same record plus ``weights_sha256``, ``stage``, ``step`` and the checkpoint's own
+    ``inputs`` fingerprints, for each stage's ``final.pt`` and the merged model; ``registered`` is the
+    checkpoint file stored with the model version (its md5 and ``weights_sha256``).
+``training_data``
+    ``manifest_sha256`` (row-content fingerprint of the clean manifest), ``rows``, ``images``, ``splits``, and
+    ``images_outside_inputs``: how many of its images lie under no input folder (0 when the raw images are
+    covered by ``inputs``; otherwise a warning is logged).
+``evaluation_data``
+    the evaluated data's identity (:func:`vlalign.tracking.hashing.evaluation_data_identity`).
+``validation``
+    ``n_rows``, ``n_clean``, ``rejected_fraction`` of the validation report.
+``params``
+    the resolved run parameters. ``seeds``: every ``seed`` found in them, by dotted path.
+``packages`` / ``hardware``
+    installed versions of the packages that shape a model; CPU model, cores, RAM, GPUs, torch, CUDA, cuDNN,
+    Python and platform.
+``dvc_lock``
+    ``{"sha256", "outs"}`` of ``dvc.lock`` when the project has one (``{}`` otherwise).
+``metrics`` / ``mlflow_run_id``
+    the evaluation metrics and the run the model was logged from.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
+import logging
+import os
+import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-TRACKED_PACKAGES = ("torch", "timm", "transformers", "kedro", "mlflow", "dvc", "great-expectations")
+from vlalign.tracking.hashing import dvc_hash, dvc_hashes, weights_sha256
+
+log = logging.getLogger(__name__)
+
+LINEAGE_FORMAT = "vlalign-lineage-v2"
+TRACKED_PACKAGES = ("torch", "torchvision", "timm", "transformers", "numpy", "pillow", "kedro", "mlflow", "dvc",
+                    "dvc-data", "great-expectations", "vlalign")
+#: Folders whose untracked files make a work tree dirty (data/, mlruns/ etc. are untracked by design).
+WATCHED_FOLDERS = ("conf", "src")
+#: Untracked files larger than this go into the patch by name and md5 only.
+MAX_PATCH_FILE_BYTES = 1 << 20
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -34,37 +92,80 @@ def frame_fingerprint(frame: pd.DataFrame) -> str:
     return hashlib.sha256(hashed.tobytes()).hexdigest()
 
 
-def git_state(repo: str | Path = ".") -> dict[str, Any]:
-    """The commit checked out in ``repo`` and whether the work tree has uncommitted changes."""
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=True)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+# ------------------------------------------------------------------------------------------------
+# git
+# ------------------------------------------------------------------------------------------------
 
 
-def dvc_lock_state(repo: str | Path = ".") -> dict[str, Any]:
-    """Hashes that ``dvc.lock`` records for each stage's outputs (empty when there is no dvc.lock)."""
-    lock = Path(repo) / "dvc.lock"
-    if not lock.exists():
-        return {}
-    import yaml
-
-    data = yaml.safe_load(lock.read_text()) or {}
-    outs: dict[str, Any] = {}
-    for stage, body in (data.get("stages") or {}).items():
-        for out in body.get("outs", []) or []:
-            outs[out["path"]] = out.get("md5") or out.get("hash")
-    return {"dvc_lock_sha256": sha256_file(lock), "outs": outs}
+def _git(repo: str | Path, *args: str, ok_codes: Sequence[int] = (0,)) -> str | None:
+    """stdout of ``git args`` in ``repo``, or None when git is missing, fails or ``repo`` is no work tree."""
+    try:
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode in ok_codes else None
 
 
-def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str]:
+def _lines(text: str | None) -> list[str]:
+    return [line for line in (text or "").splitlines() if line.strip()]
+
+
+def git_state(repo: str | Path = ".", watched: Sequence[str] = WATCHED_FOLDERS) -> dict[str, Any]:
+    """The commit checked out in ``repo`` and what differs from it.
+
+    ``dirty`` is True when a tracked file changed (anywhere), when a file under ``watched`` is untracked
+    (e.g. a new environment folder ``conf/myenv/``), or when a git-ignored file under ``conf/`` other than
+    ``credentials*``/``.gitkeep`` exists (``conf/local/`` overrides change a run). All fields are None outside
+    a git work tree.
+    """
+    commit = _git(repo, "rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "branch": None, "dirty": None, "tracked_changes": None, "untracked": None,
+                "ignored_config": None}
+    watched = [w for w in watched if (Path(repo) / w).exists()]
+    tracked = [line[3:] for line in _lines(_git(repo, "status", "--porcelain=v1", "--untracked-files=no"))]
+    untracked = _lines(_git(repo, "ls-files", "--others", "--exclude-standard", "--", *watched)) if watched else []
+    ignored = []
+    if (Path(repo) / "conf").exists():
+        for path in _lines(_git(repo, "ls-files", "--others", "--ignored", "--exclude-standard", "--", "conf")):
+            name = Path(path).name
+            if name == ".gitkeep" or name.startswith("credentials") or "__pycache__" in Path(path).parts:
+                continue
+            ignored.append({"path": path, "md5": dvc_hash(Path(repo) / path, state_dir=None)["md5"]})
+    return {
+        "commit": commit.strip(),
+        "branch": (_git(repo, "rev-parse", "--abbrev-ref", "HEAD") or "").strip() or None,
+        "dirty": bool(tracked or untracked or ignored),
+        "tracked_changes": tracked,
+        "untracked": untracked,
+        "ignored_config": ignored,
+    }
+
+
+def git_patch(repo: str | Path = ".", untracked: Sequence[str] = ()) -> str:
+    """The work tree's changes against HEAD as one patch: ``git apply`` on a checkout of the commit restores them.
+
+    Tracked changes (staged and unstaged) come from ``git diff --binary HEAD``; each untracked file in
+    ``untracked`` is added as a new-file patch (files over 1 MiB by name and md5 only, in a comment line).
+    """
+    parts = [_git(repo, "diff", "--binary", "HEAD") or ""]
+    for path in untracked:
+        full = Path(repo) / path
+        if not full.is_file():
+            continue
+        if full.stat().st_size > MAX_PATCH_FILE_BYTES:
+            parts.append(f"# untracked file too large for the patch: {path} md5={dvc_hash(full, state_dir=None)['md5']}\n")
+            continue
+        parts.append(_git(repo, "diff", "--no-index", "--binary", "--", "/dev/null", path, ok_codes=(0, 1)) or "")
+    return "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# environment
+# ------------------------------------------------------------------------------------------------
+
+
+def package_versions(names: Sequence[str] = TRACKED_PACKAGES) -> dict[str, str]:
     """Installed versions of the packages that shape a model."""
     versions = {}
     for name in names:
@@ -75,43 +176,249 @@ def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str
     return versions
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def hardware() -> dict[str, Any]:
+    """CPU model, cores (all and usable by this process), RAM, GPUs, and the torch / CUDA / cuDNN builds."""
+    import torch
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            gpus.append({"name": props.name, "memory_bytes": int(props.total_memory),
+                         "capability": f"{props.major}.{props.minor}"})
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": usable,
+        "ram_bytes": _ram_bytes(),
+        "gpus": gpus,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def find_seeds(params: Any, prefix: str = "") -> dict[str, Any]:
+    """Every value under a key named ``seed`` in a nested parameters tree, by dotted path
+    (list items by their ``name`` when they have one, e.g. ``training.stages.stage1.seed``)."""
+    found: dict[str, Any] = {}
+    if isinstance(params, Mapping):
+        for key, value in params.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key == "seed" and not isinstance(value, (Mapping, list)):
+                found[path] = value
+            else:
+                found.update(find_seeds(value, path))
+    elif isinstance(params, list):
+        for index, item in enumerate(params):
+            label = item.get("name", index) if isinstance(item, Mapping) else index
+            found.update(find_seeds(item, f"{prefix}.{label}"))
+    return found
+
+
+def dvc_lock_state(repo: str | Path = ".") -> dict[str, Any]:
+    """sha256 of ``dvc.lock`` and the hash it records for each stage output (``{}`` without a dvc.lock)."""
+    lock = Path(repo) / "dvc.lock"
+    if not lock.exists():
+        return {}
+    import yaml
+
+    data = yaml.safe_load(lock.read_text()) or {}
+    outs: dict[str, Any] = {}
+    for body in (data.get("stages") or {}).values():
+        for out in body.get("outs", []) or []:
+            outs[out["path"]] = out.get("md5") or out.get("hash")
+    return {"sha256": sha256_file(lock), "outs": outs}
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints and model files
+# ------------------------------------------------------------------------------------------------
+
+
+def checkpoint_record(path: str | Path, state_dir: Any = True) -> dict[str, Any]:
+    """DVC md5 of a checkpoint file, the sha256 of its weights, and what the checkpoint says about itself."""
+    import torch
+
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    record = {"path": str(path), **dvc_hash(path, state_dir), "weights_sha256": weights_sha256(ckpt["model"])}
+    stage = (ckpt.get("stage_config") or {}).get("name")
+    record.update({"stage": stage, "step": ckpt.get("step"), "inputs": ckpt.get("inputs")})
+    if ckpt.get("merge"):
+        record["merge"] = {k: v for k, v in ckpt["merge"].items() if isinstance(v, (str, int, float, type(None)))}
+    return record
+
+
+#: Model-config fields that name files (pretrained weights, vocabularies): section -> keys.
+MODEL_FILE_FIELDS = {"image": ("weights",), "text": ("pretrained", "vocab")}
+
+
+def model_files(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """The local files a model config builds from (pretrained weights, vocabularies), resolved to paths.
+
+    Keys are ``model.<section>.<field>``; ``pkg:`` paths are resolved to the installed package's file.
+    """
+    from vlalign.paths import resolve_path
+
+    files = {}
+    for section, keys in MODEL_FILE_FIELDS.items():
+        for key in keys:
+            spec = (model_config.get(section) or {}).get(key)
+            if spec:
+                files[f"model.{section}.{key}"] = str(resolve_path(spec))
+    return files
+
+
+# ------------------------------------------------------------------------------------------------
+# the manifest
+# ------------------------------------------------------------------------------------------------
+
+
+def images_outside(image_paths: Iterable[str], folders: Sequence[str]) -> list[str]:
+    """The distinct image paths that lie under none of ``folders`` (path-prefix test, symlinks resolved)."""
+    roots = {os.path.join(os.path.abspath(f), "") for f in folders} | {os.path.join(os.path.realpath(f), "") for f in folders}
+
+    def inside(path: str) -> bool:
+        return any(os.path.abspath(path).startswith(r) for r in roots) or \
+            any(os.path.realpath(path).startswith(r) for r in roots)
+
+    return [p for p in dict.fromkeys(map(str, image_paths)) if not inside(p)]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
 def build_lineage(
-    checkpoint_path: str | Path,
+    *,
     manifest: pd.DataFrame,
+    inputs: Mapping[str, str | Path],
+    outputs: Mapping[str, str | Path],
+    registered_checkpoint: str | Path,
     params: Mapping[str, Any],
     metrics: Mapping[str, Any],
-    validation_report: Mapping[str, Any],
-    run_id: str | None,
+    validation_report: Mapping[str, Any] | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
     repo: str | Path = ".",
-) -> dict[str, Any]:
-    """Everything needed to audit and reproduce a model, as one JSON-serialisable dict."""
-    return {
-        "git": git_state(repo),
-        "dvc": dvc_lock_state(repo),
-        "packages": package_versions(),
-        "checkpoint_sha256": sha256_file(checkpoint_path),
+    watched: Sequence[str] = WATCHED_FOLDERS,
+    state_dir: Any = True,
+    inputs_where: str = "registration.lineage.inputs",
+) -> tuple[dict[str, Any], str]:
+    """Everything needed to audit and reproduce a model, and the work tree's patch against its commit.
+
+    Args:
+        manifest: the clean manifest training read (fingerprinted by row content).
+        inputs: name -> file or folder the run used (raw data, the clean manifest file, shards, ...);
+            files named by ``model_config`` (pretrained weights, vocab) are added as ``model.*``.
+        outputs: name -> checkpoint file (each stage's ``final.pt``, the merged model).
+        registered_checkpoint: the checkpoint file stored with the model version.
+        params: the resolved run parameters (seeds are collected from them).
+        metrics: the evaluation metrics (``evaluation_data`` in them becomes ``lineage["evaluation_data"]``).
+        validation_report: the validation report (row counts).
+        model_config: the model's config dict (for its pretrained weight and vocabulary files).
+        run_id: the MLflow run the model is logged from.
+        repo: the project folder (git work tree, ``dvc.lock``).
+        watched: folders of ``repo`` whose untracked files make the tree dirty.
+        state_dir: hash cache folder (see :func:`vlalign.tracking.hashing.dvc_hash`).
+        inputs_where: where ``inputs`` is configured, for error messages.
+
+    Returns:
+        ``(lineage, patch)``: the plain dict documented in this module, and the patch text (empty when
+        the tree is clean or not a git work tree).
+
+    Raises:
+        ConfigError: an input or output path does not exist.
+    """
+    git = git_state(repo, watched)
+    patch = git_patch(repo, git["untracked"] or ()) if git["commit"] and git["dirty"] else ""
+    git["diff_sha256"] = hashlib.sha256(patch.encode()).hexdigest() if patch else None
+    all_inputs = dict(inputs)
+    all_inputs.update(model_files(model_config or {}))
+    outputs_record = {}
+    for name, path in outputs.items():
+        if not Path(path).is_file():
+            from vlalign.errors import ConfigError
+
+            raise ConfigError(f"lineage output {name!r}: checkpoint {path} does not exist; run the stage that writes it.")
+        outputs_record[name] = checkpoint_record(path, state_dir)
+    registered = checkpoint_record(registered_checkpoint, state_dir=None)
+    registered.pop("path")
+    outputs_record["registered"] = registered
+    report = validation_report or {}
+    input_records = dvc_hashes(all_inputs, state_dir, where=inputs_where)
+    outside = images_outside(manifest["image_path"], [r["path"] for r in input_records.values() if r["isdir"]])
+    if outside:
+        log.warning("%d training/evaluation images lie outside every input folder of %s (e.g. %s): the lineage does "
+                    "not hash the raw images this run used; add their folder there.", len(outside), inputs_where, outside[0])
+    lineage = {
+        "format": LINEAGE_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": git,
+        "inputs": input_records,
+        "outputs": outputs_record,
         "training_data": {
             "manifest_sha256": frame_fingerprint(manifest),
             "rows": int(len(manifest)),
             "images": int(manifest["image_id"].nunique()),
-            "splits": {k: int(v) for k, v in manifest["split"].value_counts().items()},
+            "splits": {str(k): int(v) for k, v in manifest["split"].value_counts().items()},
+            "images_outside_inputs": len(outside),
         },
-        "validation": {k: validation_report.get(k) for k in ("n_rows", "n_clean", "rejected_fraction") if k in validation_report},
-        "params": json.loads(json.dumps(params, default=str)),
-        "metrics": json.loads(json.dumps(metrics, default=str)),
+        "evaluation_data": _jsonable(metrics.get("evaluation_data")),
+        "validation": {k: report.get(k) for k in ("n_rows", "n_clean", "rejected_fraction") if k in report},
+        "params": _jsonable(params),
+        "seeds": _jsonable(find_seeds(params)),
+        "packages": package_versions(),
+        "hardware": hardware(),
+        "dvc_lock": dvc_lock_state(repo),
+        "metrics": _jsonable({k: v for k, v in metrics.items() if k != "evaluation_data"}),
         "mlflow_run_id": run_id,
     }
+    return lineage, patch
 
 
 def lineage_tags(lineage: Mapping[str, Any]) -> dict[str, str]:
     """The short, searchable part of the lineage as model-version tags."""
+    git = lineage["git"]
+    registered = lineage["outputs"]["registered"]
     tags = {
-        "git_commit": str(lineage["git"].get("commit")),
-        "git_dirty": str(lineage["git"].get("dirty")),
-        "checkpoint_sha256": lineage["checkpoint_sha256"],
+        "lineage_format": lineage["format"],
+        "git_commit": str(git.get("commit")),
+        "git_dirty": str(git.get("dirty")),
+        "checkpoint_md5": registered["md5"],
+        "weights_sha256": registered["weights_sha256"],
         "training_manifest_sha256": lineage["training_data"]["manifest_sha256"],
         "mlflow_run_id": str(lineage.get("mlflow_run_id")),
     }
-    if lineage["dvc"]:
-        tags["dvc_lock_sha256"] = lineage["dvc"]["dvc_lock_sha256"]
+    for name, record in lineage["inputs"].items():
+        if not name.startswith("model."):
+            tags[f"input.{name}.md5"] = record["md5"]
+    if lineage.get("dvc_lock"):
+        tags["dvc_lock_sha256"] = lineage["dvc_lock"]["sha256"]
     return tags

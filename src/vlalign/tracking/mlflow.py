@@ -1,6 +1,6 @@
 """MLflow integration: nested runs per training stage, metrics, and the registered embedding model.
 
-This module and ``vlalign.tracking.lineage`` are the only library modules that import mlflow.
+This module and ``vlalign.tracking.registry`` are the only library modules that import mlflow.
 """
 
 from __future__ import annotations
@@ -217,14 +217,10 @@ def embed_frame(model: Any, cfg: Any, tokenizer: Any, frame: pd.DataFrame) -> np
     return out
 
 
-def register_model(
-    checkpoint_path: Path,
-    registered_model_name: str,
-    example_image_png: bytes,
-    tags: Mapping[str, str] | None = None,
-    extra_artifacts: Mapping[str, Path] | None = None,
-) -> dict[str, Any]:
-    """Log the checkpoint as a pyfunc embedding model with a signature, and register a new version."""
+def log_embedder(
+    checkpoint_path: Path, example_image_png: bytes, extra_artifacts: Mapping[str, Path] | None = None
+) -> tuple[Any, int]:
+    """Log the checkpoint as a pyfunc embedding model with a signature; return ``(ModelInfo, embedding_dim)``."""
     import vlalign
     from vlalign.models import build_tokenizer_for
     from vlalign.train import load_checkpoint, model_from_checkpoint
@@ -242,19 +238,29 @@ def register_model(
         signature=signature,
         code_paths=[str(Path(vlalign.__file__).parent)],
         pip_requirements=MODEL_PIP_REQUIREMENTS,
-        registered_model_name=registered_model_name,
     )
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(registered_model_name, version, key, str(value))
+    return info, int(output.shape[1])
+
+
+def register_model(
+    checkpoint_path: Path,
+    registered_model_name: str,
+    example_image_png: bytes,
+    tags: Mapping[str, str] | None = None,
+    extra_artifacts: Mapping[str, Path] | None = None,
+) -> dict[str, Any]:
+    """Log the checkpoint as a pyfunc embedding model and register a new version, created with ``tags``."""
+    from vlalign.tracking.registry import register_version
+
+    info, dim = log_embedder(checkpoint_path, example_image_png, extra_artifacts)
+    version = str(register_version(info.model_uri, registered_model_name, tags or {}).version)
     log.info("registered %s version %s (%s)", registered_model_name, version, info.model_uri)
     return {
         "name": registered_model_name,
         "version": version,
         "model_uri": f"models:/{registered_model_name}/{version}",
         "run_id": info.run_id,
-        "embedding_dim": int(output.shape[1]),
+        "embedding_dim": dim,
     }
 
 
@@ -269,30 +275,100 @@ def png_bytes(image_path: str | Path, image_root: str | Sequence[str]) -> bytes:
     return buffer.getvalue()
 
 
+def log_dataset_input(
+    frame: pd.DataFrame, name: str, context: str, digest: str | None = None, source: str | None = None
+) -> None:
+    """Log a table as an input of the active run (shown under "Datasets" in the MLflow UI; no-op without a run).
+
+    ``digest`` (e.g. a DVC md5) identifies the content; MLflow keeps its first 32 characters.
+    """
+    if mlflow.active_run() is None:
+        return
+    import warnings
+
+    with warnings.catch_warnings():  # mlflow 3.17 registers the local-file source twice and warns about it
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:32] if digest else None)
+    mlflow.log_input(dataset, context=context)
+
+
 def register_checkpoint(
     checkpoint: dict[str, Any],
-    registered_model_name: str,
+    registered_model_name: str | None,
     manifest: pd.DataFrame,
     metrics: Mapping[str, Any],
     validation_report: Mapping[str, Any],
+    *,
+    params: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, str | Path] | None = None,
+    outputs: Mapping[str, str | Path] | None = None,
+    name_template: str = "vlalign-{model}-{datasets}",
+    repo: str | Path = ".",
+    watched: tuple[str, ...] = ("conf", "src"),
+    state_dir: Any = True,
 ) -> dict[str, Any]:
-    """Register an in-memory checkpoint with its lineage (``lineage.json`` + model-version tags).
+    """Register an in-memory checkpoint as a new model version with its lineage.
 
-    The checkpoint and lineage files live in a temporary folder only while MLflow copies them.
+    The version is created with its lineage tags (:func:`vlalign.tracking.lineage.lineage_tags`) and the
+    tags the gate reads (:func:`vlalign.tracking.registry.evaluation_tags`) in one call; ``lineage.json``
+    and, for a dirty work tree, ``git_diff.patch`` are stored with the model (and under ``lineage/`` in the
+    active run's artifacts). The clean manifest and the
+    evaluated split are logged as inputs of the active run. The checkpoint and lineage files live in a
+    temporary folder only while MLflow copies them.
+
+    Args:
+        registered_model_name: the name, or None to derive it from ``name_template``
+            (:func:`vlalign.tracking.registry.registered_model_name`).
+        params: the resolved run parameters (recorded; seeds collected from them).
+        inputs: name -> file or folder the run used, hashed as DVC does (``clean_manifest`` is also the
+            digest of the logged training dataset).
+        outputs: name -> checkpoint file written by the run (stage ``final.pt`` files, the merged model).
+        repo, watched, state_dir: see :func:`vlalign.tracking.lineage.build_lineage`.
+
+    Returns:
+        ``{"name", "version", "model_uri", "run_id", "embedding_dim", "lineage"}``.
     """
     from vlalign.tracking.lineage import build_lineage, lineage_tags
+    from vlalign.tracking.registry import evaluation_tags, registered_model_name as derive_name
     from vlalign.train import save_checkpoint
 
+    model_config = checkpoint["model_config"]
+    name = derive_name(registered_model_name, name_template, str(model_config.get("name")), metrics)
     with tempfile.TemporaryDirectory(prefix="vlalign-register-") as tmp:
         path = save_checkpoint(checkpoint, Path(tmp) / "model.pt")
-        lineage = build_lineage(path, manifest, {"merge": checkpoint.get("merge"), "model": checkpoint["model_config"]},
-                                metrics, validation_report, run_id=active_run_id())
-        lineage_file = Path(tmp) / "lineage.json"
-        lineage_file.write_text(json.dumps(lineage, indent=2, default=str))
+        lineage, patch = build_lineage(
+            manifest=manifest, inputs=inputs or {}, outputs=outputs or {}, registered_checkpoint=path,
+            params=params if params is not None else {"merge": checkpoint.get("merge"), "model": model_config},
+            metrics=metrics, validation_report=validation_report, model_config=model_config,
+            run_id=active_run_id(), repo=repo, watched=watched, state_dir=state_dir,
+        )
+        artifacts = {"lineage": Path(tmp) / "lineage.json"}
+        artifacts["lineage"].write_text(json.dumps(lineage, indent=2, default=str))
+        if patch:
+            artifacts["git_diff"] = Path(tmp) / "git_diff.patch"
+            artifacts["git_diff"].write_text(patch)
+        _log_run_inputs(manifest, metrics, lineage)
+        for file in artifacts.values():  # also on the run, beside the metrics and the report
+            log_artifact(file, "lineage")
         example = png_bytes(manifest["image_path"].iloc[0], manifest["image_root"].iloc[0])
-        record = register_model(path, registered_model_name, example, tags=lineage_tags(lineage),
-                                extra_artifacts={"lineage": lineage_file})
+        tags = {**lineage_tags(lineage), **evaluation_tags(metrics)}
+        record = register_model(path, name, example, tags=tags, extra_artifacts=artifacts)
     return {**record, "lineage": lineage}
+
+
+def _log_run_inputs(manifest: pd.DataFrame, metrics: Mapping[str, Any], lineage: Mapping[str, Any]) -> None:
+    """The clean manifest (context ``training``) and each evaluated split (context ``evaluation``) as run inputs."""
+    clean = lineage["inputs"].get("clean_manifest")
+    log_dataset_input(manifest, "clean_manifest", "training",
+                      digest=clean["md5"] if clean else lineage["training_data"]["manifest_sha256"],
+                      source=clean["path"] if clean else None)
+    blocks = ((metrics.get("evaluation_data") or {}).get("blocks") or {})
+    for block_name, block in blocks.items():
+        if "split" not in block or "language" not in block:
+            continue  # zero-shot and probe sets are not manifest rows
+        rows = manifest[(manifest["split"] == block["split"]) & (manifest["lang"] == block["language"])]
+        log_dataset_input(rows, f"{block['dataset']}/{block['split']}/{block['language']}", "evaluation",
+                          digest=block["sha256"])
 
 
 def active_run_id() -> str | None:

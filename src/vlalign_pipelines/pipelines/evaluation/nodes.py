@@ -13,6 +13,7 @@ from vlalign.errors import ConfigError
 from vlalign.eval.probe import compositional_pairs, compositional_probe
 from vlalign.eval.report import clip_benchmark_record, write_benchmark_report
 from vlalign.eval.run import evaluate_retrieval, evaluate_zero_shot
+from vlalign.tracking.hashing import evaluation_data_identity
 from vlalign.tracking.mlflow import log_artifact, log_metrics
 from vlalign.train import model_from_checkpoint
 from vlalign.train.checkpoint import as_checkpoint
@@ -75,6 +76,13 @@ def evaluate_model(
                   "stage": checkpoint["stage_config"]["name"], "source": params.get("model_uri") or "merged_checkpoint"},
         **{name: {k: block[k] for k in SUMMARY_KEYS if k in block} for name, block in blocks.items()},
     }
+    # What was evaluated, by content: the registry compares versions only when this hash is the same.
+    metrics["evaluation_data"] = evaluation_data_identity(
+        manifest, params["split"],
+        retrieval={name: (b["language"], b["dataset"]) for name, b in blocks.items() if name.startswith("retrieval")},
+        zero_shot={"images": zero_shot_set["images"], "classnames": zero_shot_set["classnames"][lang],
+                   "templates": zero_shot_set["templates"][lang], "lang": lang, "dataset": params["zero_shot_dataset"]},
+        probe_pairs=probe_pairs if "compositional" in blocks else (), probe_dataset=params["retrieval_dataset"])
     log_metrics({("test" if name == "retrieval" else name): block["metrics"] for name, block in blocks.items()})
     return metrics, blocks
 

@@ -1,8 +1,9 @@
-"""Registration pipeline: the merged model goes to the MLflow Model Registry with its lineage."""
+"""Registration pipeline: the merged model goes to the MLflow Model Registry with its lineage, and the
+champion/challenger gate decides whether it takes the ``champion`` alias."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
-from .nodes import register_merged_model
+from .nodes import RUN_PARAMETERS, gate_registered_model, register_merged_model
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -10,9 +11,17 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 register_merged_model,
-                inputs=["merged_checkpoint", "clean_manifest", "metrics", "validation_report", "params:registration"],
+                inputs={"checkpoint": "merged_checkpoint", "manifest": "clean_manifest", "metrics": "metrics",
+                        "validation_report": "validation_report",
+                        **{name: f"params:{name}" for name in RUN_PARAMETERS}},
                 outputs="registered_model",
                 name="register_merged_model",
-            )
+            ),
+            node(
+                gate_registered_model,
+                inputs=["registered_model", "params:registration"],
+                outputs="gate_decision",
+                name="gate_registered_model",
+            ),
         ]
     )
