@@ -3,7 +3,8 @@
 Kedro loads this module's ``cli`` group and its ``run`` replaces the built-in one (``kedro run`` and
 ``python -m vlalign_pipelines`` both use it). It takes the same options, plus ``--verbose``, and:
 
-- sets ``KEDRO_ENV`` from ``--env`` and ``VLALIGN_RUN_NAME`` from ``--params run_name=...`` before the session
+- sets ``KEDRO_ENV`` from ``--env``, ``VLALIGN_RECIPE`` from ``--params training.recipe=...`` and
+  ``VLALIGN_RUN_NAME`` from ``--params run_name=...`` (or the recipe) before the session
   is created, so the pipeline registry (which reads the list of training stages) sees the environment;
 - refuses an environment with no folder under ``conf/`` or an unusable run name before anything runs;
 - writes the whole log of the run, tracebacks included, to ``data/logs/<time>_<env>_<run_name>.log``;
@@ -369,11 +370,13 @@ def _run(verbose: bool, **kwargs: Any) -> Any:
     )
     from kedro.framework.project import settings
 
+    from vlalign_pipelines.recipes import RECIPE_ENV_VAR, recipe_from
+
     verbose = verbose or _truthy(os.environ.get(VERBOSE_ENV_VAR))
     project_path = _project_path()
     env = kwargs.get("env") or os.environ.get("KEDRO_ENV") or CONFIG_LOADER_ARGS["default_run_env"]
     params = kwargs.get("params") or {}
-    run_name = str(params.get("run_name") or os.environ.get(RUN_NAME_ENV_VAR) or "default")
+    run_name = run_name_from(params) if not params.get("run_name") else str(params["run_name"])
     command = "kedro run"
 
     with RunLog(log_file_path(project_path, env, run_name), quiet_console=not verbose) as run_log:
@@ -384,6 +387,9 @@ def _run(verbose: bool, **kwargs: Any) -> Any:
             check_name(env, "environment")
             # The pipeline registry runs inside the session and reads these (training stage list, run dir).
             os.environ["KEDRO_ENV"] = env
+            recipe = recipe_from(params)
+            if recipe:  # the pipeline's shape (its stages) depends on the recipe
+                os.environ[RECIPE_ENV_VAR] = recipe
             os.environ[RUN_NAME_ENV_VAR] = run_name_from(params)
             location = run_location(env, os.environ[RUN_NAME_ENV_VAR])
             conf_source = kwargs.get("conf_source")

@@ -69,10 +69,14 @@ def check_name(value: Any, what: str) -> str:
 
 
 def run_name_from(runtime_params: dict[str, Any] | None) -> str:
-    """The run name: ``--params run_name=...``, else ``$VLALIGN_RUN_NAME``, else ``default``."""
+    """The run name: ``--params run_name=...``, else ``$VLALIGN_RUN_NAME``, else the training recipe when it is not
+    the default one (``--params training.recipe=albef`` writes under ``.../albef``), else ``default``."""
+    from vlalign_pipelines.recipes import DEFAULT_RECIPE, recipe_from
+
     value = (runtime_params or {}).get("run_name")
     if value is None or value == "":
-        value = os.environ.get(RUN_NAME_ENV_VAR) or DEFAULT_RUN_NAME
+        recipe = recipe_from(runtime_params)
+        value = os.environ.get(RUN_NAME_ENV_VAR) or (recipe if recipe and recipe != DEFAULT_RECIPE else DEFAULT_RUN_NAME)
     return check_name(value, "run_name")
 
 
@@ -80,8 +84,8 @@ def run_location(env: str | None, run_name: str = DEFAULT_RUN_NAME) -> RunLocati
     """Output root of a run: ``data`` for the default environment and run name, else ``data/runs/<env>/<run_name>``.
 
     A pure function of the two names, so no environment can collide with the default or with another
-    environment by forgetting to set something. A future training recipe (``training.recipe=albef``)
-    is meant to feed the run name.
+    environment by forgetting to set something. A training recipe other than the default
+    (``training.recipe=albef``) names the run when no run name is given.
     """
     env = check_name(env or DEFAULT_ENV, "environment")
     run_name = check_name(run_name, "run_name")

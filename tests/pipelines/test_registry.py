@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlalign.errors import ConfigError
+
 from vlalign_pipelines.pipelines.merge.pipeline import create_pipeline as create_merge_pipeline
 from vlalign_pipelines.pipelines.training.pipeline import create_pipeline as create_training_pipeline
 from vlalign_pipelines.pipelines.training.pipeline import stage_names
@@ -76,26 +78,12 @@ def test_single_stage_pipeline() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _stages_written_in(conf: Path, envs: list[str]) -> list[str] | None:
-    """``training.stages`` names as the parameters files of ``envs`` write them (later envs win)."""
-    found = None
-    for env in envs:
-        for path in sorted((conf / env).rglob("parameters*.yml")):
-            params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            if "training" in params:
-                found = [stage["name"] for stage in params["training"]["stages"]]
-    return found
-
-
-def test_stage_names_read_from_repo_conf() -> None:
+def test_stage_names_read_from_repo_conf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLALIGN_RECIPE", raising=False)
     conf = REPO / "conf"
-    expected = _stages_written_in(conf, ["base", "test"])
-    assert expected, (
-        "no parameters*.yml under conf/base or conf/test defines training.stages; the training and merge "
-        "pipelines (and dvc.yaml's train stage, which tracks conf/base/parameters_training.yml) need it"
-    )
-    assert stage_names(conf_source=conf, env="test") == expected
-    assert len(expected) == len(set(expected)), f"duplicate stage names {expected}"
+    test = yaml.safe_load((conf / "test" / "parameters_training.yml").read_text(encoding="utf-8"))
+    expected = [stage["name"] for stage in test["training"]["recipes"]["clip"]["stages"]]
+    assert stage_names(conf_source=conf, env="test") == expected == ["stage1", "stage2"]
 
 
 def _write(path: Path, data: dict) -> None:
@@ -103,11 +91,13 @@ def _write(path: Path, data: dict) -> None:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
 
 
-def test_stage_names_follow_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stage_names_follow_the_environment_and_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLALIGN_RECIPE", raising=False)
     conf = tmp_path / "conf"
-    _write(conf / "base" / "parameters_training.yml", {"training": {"stages": [{"name": "lit"}, {"name": "full"}]}})
+    recipes = {"clip": {"stages": [{"name": "lit"}, {"name": "full"}]}, "other": {"stages": [{"name": "x"}]}}
+    _write(conf / "base" / "parameters_training.yml", {"training": {"recipe": "clip", "recipes": recipes}})
     _write(conf / "wide" / "parameters_training.yml",
-           {"training": {"stages": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}})
+           {"training": {"recipes": {"clip": {"stages": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}}}})
     (conf / "local").mkdir()
 
     assert stage_names(conf_source=conf, env="wide") == ["a", "b", "c"]
@@ -115,6 +105,29 @@ def test_stage_names_follow_the_environment(tmp_path: Path, monkeypatch: pytest.
     assert stage_names(conf_source=conf) == ["lit", "full"]  # default run env: local (no override)
     monkeypatch.setenv("KEDRO_ENV", "wide")
     assert stage_names(conf_source=conf) == ["a", "b", "c"]
+    monkeypatch.setenv("VLALIGN_RECIPE", "other")  # what `kedro run --params training.recipe=other` sets
+    assert stage_names(conf_source=conf) == ["x"]
+    monkeypatch.setenv("VLALIGN_RECIPE", "nope")
+    with pytest.raises(ConfigError, match=r"training.recipe='nope' is not defined; the recipes are \['clip', 'other'\]"):
+        stage_names(conf_source=conf)
+
+
+def test_recipe_stage_wiring_data_init_and_merge_pair() -> None:
+    from vlalign_pipelines.recipes import plan, resolve_stages
+
+    training = {"stage_defaults": {"lr": 0.1, "epochs": 2}, "recipes": {"r": {
+        "stages": [{"name": "real"}, {"name": "synth", "data": "synthetic_shards", "lr": 0.01},
+                   {"name": "fresh", "init": None}],
+        "merge": {"theta1": "real", "theta2": "synth"}, "capfilt": {"after": "real"}}}}
+    shape = plan(training, "r")
+    assert [(s.name, s.data, s.init) for s in shape.stages] == [
+        ("real", "train_shards", None), ("synth", "synthetic_shards", "real"), ("fresh", "train_shards", None)]
+    assert shape.merge == ("real", "synth") and shape.sections == {"capfilt": {"after": "real"}}
+    stages = resolve_stages(training, "r")
+    assert stages[1] == {"name": "synth", "lr": 0.01, "epochs": 2}  # defaults + entry, wiring keys dropped
+    bad = {"recipes": {"r": {"stages": [{"name": "a", "init": "b"}, {"name": "b"}]}}}
+    with pytest.raises(ConfigError, match=r"stages\[0\].init='b': expected an earlier stage"):
+        plan(bad, "r")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -235,13 +235,18 @@ def test_optimizer_groups_and_schedule(model_cfg) -> None:
 
 
 def test_tuned_defaults_are_complete_stage_configs() -> None:
-    """The tuned stages of the default pipeline (conf/base/parameters_training.yml) set every StageConfig field."""
+    """The stage defaults of conf/base/parameters_training.yml set every StageConfig field; every recipe's stages
+    (defaults + entry) are valid stage configs."""
+    from vlalign_pipelines.recipes import resolve_stages
+
     conf = Path(__file__).resolve().parents[3] / "conf" / "base" / "parameters_training.yml"
-    stages = yaml.safe_load(conf.read_text(encoding="utf-8"))["training"]["stages"]
+    training = yaml.safe_load(conf.read_text(encoding="utf-8"))["training"]
+    assert set(training["stage_defaults"]) == {f.name for f in fields(StageConfig)} - {"name"}
+    assert training["stage_defaults"]["caption_langs"] == "auto"  # resolved from the corpus by the training node
+    for recipe in training["recipes"]:
+        for stage in resolve_stages(training, recipe):
+            resolved = {**stage, "caption_langs": ["en", "zh"]}
+            assert StageConfig.from_dict(resolved).to_dict() == resolved
+    stages = resolve_stages(training, "clip")
     assert [s["name"] for s in stages] == ["stage1", "stage2"]
-    for stage in stages:
-        assert set(stage) == {f.name for f in fields(StageConfig)}
-        assert stage["caption_langs"] == "auto"  # resolved from the corpus by the training node
-        resolved = {**stage, "caption_langs": ["en", "zh"]}
-        assert StageConfig.from_dict(resolved).to_dict() == resolved
     assert stages[0]["trainable"] == ["image_proj", "text_proj", "logit_scale"] and stages[1]["trainable"] == ["all"]

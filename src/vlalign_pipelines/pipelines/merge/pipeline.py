@@ -1,18 +1,20 @@
-"""Merge pipeline: interpolate the last two stages' weights, beta swept on validation data."""
+"""Merge pipeline: interpolate two stages' weights (the recipe's ``merge`` pair; by default the last two), beta swept
+on validation data."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
-from vlalign_pipelines.pipelines.training.pipeline import stage_names
+from vlalign_pipelines.recipes import project_plan
 
 from .nodes import merge_stage_checkpoints
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    names = kwargs.get("stages") or stage_names()
-    if len(names) < 2:
-        theta1 = theta2 = f"{names[-1]}.final_checkpoint"
+    if kwargs.get("stages"):
+        names = list(kwargs["stages"])
+        pair = (names[-1], names[-2] if len(names) > 1 else names[-1])
     else:
-        theta1, theta2 = f"{names[-1]}.final_checkpoint", f"{names[-2]}.final_checkpoint"
+        pair = project_plan().merge
+    theta1, theta2 = (f"{stage}.final_checkpoint" for stage in pair)
     return pipeline(
         [
             node(

@@ -10,6 +10,7 @@ import pandas as pd
 from vlalign.tracking.mlflow import register_checkpoint
 from vlalign.train.checkpoint import as_checkpoint
 from vlalign.tracking.registry import GateConfig, apply_gate, format_decision
+from vlalign_pipelines.recipes import recipe_from, resolved_training
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +20,11 @@ RUN_PARAMETERS = ("validation", "model", "training", "merge", "evaluation", "reg
 
 
 def lineage_outputs(parameters: dict[str, Any]) -> dict[str, str]:
-    """Checkpoint files the run wrote: each stage's ``final.pt`` (in ``training.stages`` order) and the merged model."""
+    """Checkpoint files the run wrote: each stage's ``final.pt`` (in the recipe's order) and the merged model."""
     lineage = parameters["registration"].get("lineage") or {}
     outputs = {}
     if lineage.get("stage_checkpoint"):
-        for stage in (parameters.get("training") or {}).get("stages") or []:
+        for stage in resolved_training(parameters.get("training") or {}, recipe_from(None))["stages"]:
             outputs[stage["name"]] = lineage["stage_checkpoint"].format(stage=stage["name"])
     if lineage.get("merged_checkpoint"):
         outputs["merged"] = lineage["merged_checkpoint"]
@@ -41,6 +42,7 @@ def register_merged_model(
 
     ``parameters``: the run's parameter groups (``RUN_PARAMETERS``), recorded as the resolved parameters.
     """
+    parameters = {**parameters, "training": resolved_training(parameters.get("training") or {}, recipe_from(None))}
     params = parameters["registration"]
     lineage = params.get("lineage") or {}
     return register_checkpoint(

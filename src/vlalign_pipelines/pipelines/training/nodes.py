@@ -14,19 +14,7 @@ from vlalign.train import StageConfig
 from vlalign.train.checkpoint import CheckpointRef
 from vlalign.train.run import run_stage
 from vlalign.train.spec import TrainSpec
-
-
-def stage_params(training: dict[str, Any], stage_name: str) -> dict[str, Any]:
-    """The parameters of the stage called ``stage_name`` in ``training.stages``."""
-    for stage in training["stages"]:
-        if stage["name"] == stage_name:
-            return stage
-    names = [s["name"] for s in training["stages"]]
-    raise ConfigError(
-        f"params training.stages has no stage named {stage_name!r} (it has {names}). The pipeline registry "
-        "reads the stage list from conf/base and from the environment named by KEDRO_ENV: set KEDRO_ENV to "
-        "the --env you run with when that environment changes the list of stages."
-    )
+from vlalign_pipelines.recipes import recipe_from, resolve_model, stage_params
 
 
 def training_rows(clean_manifest: pd.DataFrame) -> pd.DataFrame:
@@ -42,8 +30,9 @@ def stage_spec(shards: Any, stage_dir: str, model: dict[str, Any], training: dic
                init: CheckpointRef | None) -> TrainSpec:
     """The TrainSpec of one stage: resolved configs (``caption_langs: auto`` = the shards' languages), the shard
     index, the stage folder, the previous stage's final.pt, and the active MLflow run as parent."""
+    model = resolve_model(model, training, recipe_from(None))
     model_cfg = get_model_config(model["name"], **model.get("overrides", {}))
-    params = dict(stage_params(training, stage_name))
+    params = dict(stage_params(training, stage_name, recipe_from(None)))
     if params.get("caption_langs", AUTO) == AUTO:
         params["caption_langs"] = list(shards.langs)
     stage = StageConfig.from_dict(params)
@@ -52,7 +41,7 @@ def stage_spec(shards: Any, stage_dir: str, model: dict[str, Any], training: dic
 
 
 def train_one_stage(
-    shards: Any,
+    train_data: Any,
     stage_dir: str,
     model: dict[str, Any],
     training: dict[str, Any],
@@ -62,7 +51,7 @@ def train_one_stage(
     stage_name: str,
 ) -> CheckpointRef:
     """Run one stage (here, or as a Kubernetes job when its ``compute`` is ``kubernetes``); hand on its final.pt."""
-    spec = stage_spec(shards, stage_dir, model, training, stage_name, init_checkpoint)
+    spec = stage_spec(train_data, stage_dir, model, training, stage_name, init_checkpoint)
     if spec.stage["compute"] == "kubernetes":
         from vlalign.launch.k8s import KubernetesConfig, run_stage_on_kubernetes
 

@@ -15,44 +15,38 @@ from kedro.pipeline import Pipeline, node, pipeline
 from vlalign.errors import ConfigError
 from vlalign_pipelines.settings import CONFIG_LOADER_ARGS, DEFAULT_ENV, RunConfigLoader
 
+from vlalign_pipelines.recipes import StagePlan, project_plan
+
 from .nodes import train_one_stage, training_rows
 
 
 def stage_names(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
-    """Stage names in order, as ``training.stages`` lists them in the project configuration.
-
-    The pipeline registry runs before Kedro hands the ``--env`` of ``kedro run`` to anything, so the
-    environment comes from ``KEDRO_ENV``, which the project's ``kedro run`` (vlalign_pipelines.cli) sets
-    from ``--env``. The project's config loader is used, so paths written with ``${globals:run_dir}`` resolve.
-    """
-    env = env or os.environ.get("KEDRO_ENV") or DEFAULT_ENV
-    loader = RunConfigLoader(conf_source=str(conf_source), env=env, **CONFIG_LOADER_ARGS)
-    stages = (loader["parameters"].get("training") or {}).get("stages")
-    if not stages or not all(isinstance(s, dict) and s.get("name") for s in stages):
-        raise ConfigError(
-            f"no list of named stages at `training.stages` in the parameters under {conf_source} "
-            f"(environments base and {env}); define it in conf/base/parameters_training.yml, e.g. "
-            "`training: {stages: [{name: stage1, ...}, {name: stage2, ...}]}`."
-        )
-    return [stage["name"] for stage in stages]
+    """Stage names of the selected recipe, in order (see :mod:`vlalign_pipelines.recipes`)."""
+    return [stage.name for stage in project_plan(conf_source, env).stages]
 
 
-def stage_pipeline(stage_name: str, previous: str | None) -> Pipeline:
-    """The training node for ``stage_name``, namespaced, starting from ``previous``'s final checkpoint."""
-    inputs = ["train_shards", "stage_dir", "params:model", "params:training", "params:kubernetes"]
-    mapping = {"train_shards": "train_shards"}
-    if previous is not None:
+def stage_pipeline(stage: StagePlan) -> Pipeline:
+    """The training node of one stage, namespaced: it trains on ``stage.data`` and starts from ``stage.init``'s
+    final checkpoint (none: fresh weights)."""
+    inputs = ["train_data", "stage_dir", "params:model", "params:training", "params:kubernetes"]
+    mapping = {"train_data": stage.data}
+    if stage.init is not None:
         inputs.append("init_checkpoint")
-        mapping["init_checkpoint"] = f"{previous}.final_checkpoint"
-    func = update_wrapper(partial(train_one_stage, stage_name=stage_name), train_one_stage)
+        mapping["init_checkpoint"] = f"{stage.init}.final_checkpoint"
+    func = update_wrapper(partial(train_one_stage, stage_name=stage.name), train_one_stage)
     base = pipeline([node(func, inputs=inputs, outputs="final_checkpoint", name="train")])
-    return pipeline(base, namespace=stage_name, inputs=mapping,
+    return pipeline(base, namespace=stage.name, inputs=mapping,
                     parameters={"params:model", "params:training", "params:kubernetes"})
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    names = kwargs.get("stages") or stage_names()
-    stages = Pipeline([node(training_rows, inputs="clean_manifest", outputs="train_shards", name="write_training_shards")])
-    for index, name in enumerate(names):
-        stages += stage_pipeline(name, names[index - 1] if index else None)
-    return stages
+    """The shard step, then every stage of the recipe (``stages=[...]`` builds a plain chain, for tests)."""
+    if kwargs.get("stages"):
+        names = list(kwargs["stages"])
+        stages = [StagePlan(n, init=names[k - 1] if k else None) for k, n in enumerate(names)]
+    else:
+        stages = project_plan().stages
+    result = Pipeline([node(training_rows, inputs="clean_manifest", outputs="train_shards", name="write_training_shards")])
+    for stage in stages:
+        result += stage_pipeline(stage)
+    return result
