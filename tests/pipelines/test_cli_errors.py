@@ -136,9 +136,9 @@ def test_bad_params_in_an_environment_with_its_own_stages(project: Path) -> None
     """`--params model.name=...` is refused by name, in the stage the environment defines (KEDRO_ENV is set
     from --env, so the pipeline registry builds the environment's stage list, not conf/base's)."""
     (project / "conf" / "onestage").mkdir()
-    (project / "conf" / "onestage" / "parameters_training.yml").write_text(yaml.safe_dump({"training": {"stages": [
-        {"name": "only", "trainable": ["all"], "max_steps": 1, "batch_size": 8, "checkpoint_every": 1},
-    ]}}))
+    (project / "conf" / "onestage" / "parameters_training.yml").write_text(yaml.safe_dump({"training": {
+        "recipes": {"clip": {"stages": [{"name": "only", "max_steps": 1, "batch_size": 8, "checkpoint_every": 1}]}},
+    }}))
     (project / "conf" / "onestage" / "globals.yml").write_text(yaml.safe_dump(
         yaml.safe_load((project / "conf" / "test" / "globals.yml").read_text())))
     result = kedro_run(project, "--env", "onestage", "--pipelines", "validation,training",
