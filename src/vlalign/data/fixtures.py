@@ -128,3 +128,27 @@ def make_imagenet_fixture(root: Path, layout: str = "folder", per_class: int = 2
                     "ground_truth": root / "ILSVRC2012_validation_ground_truth.txt",
                     "devkit_wnids": root / "devkit_wnids.txt"})
     return out
+
+
+def coco_cn_from_demo(demo_root: Path, root: Path) -> dict[str, Any]:
+    """A COCO-CN release built from the default dataset's Chinese captions, at the default dataset's size (2,000 /
+    200 / 500 images): the exact COCO-CN layout (split lists, ``imageid.human-written-caption.txt``,
+    ``images/train2014`` and ``images/val2014`` of ``COCO_<folder>_<12 digits>.jpg``) with real content, to run
+    ``kedro run --env coco_cn`` end to end where the real COCO-CN is not at hand."""
+    demo_root, root = Path(demo_root), Path(root)
+    entries = json.loads((demo_root / "flickr_demo" / "dataset_demo_zh.json").read_text(encoding="utf-8"))["images"]
+    split_ids: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    lines = []
+    for entry in entries:
+        folder = "train2014" if entry["split"] == "train" else "val2014"
+        image_id = f"COCO_{folder}_{int(entry['imgid']):012d}"
+        target = root / "images" / folder / f"{image_id}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(demo_root / "flickr_demo" / "images" / entry["filename"]) as image:
+            image.convert("RGB").save(target, format="JPEG", quality=95)
+        split_ids[entry["split"]].append(image_id)
+        lines += [f"{image_id}#{n}\t{sentence['raw']}" for n, sentence in enumerate(entry["sentences"])]
+    for split, ids in split_ids.items():
+        (root / f"coco-cn_{split}.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
+    (root / "imageid.human-written-caption.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"root": root, "splits": {s: len(ids) for s, ids in split_ids.items()}, "captions": len(lines)}
