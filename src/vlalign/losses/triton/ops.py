@@ -237,6 +237,26 @@ class _TritonSigLIPRows(torch.autograd.Function):
         )
 
 
+def _autocast_features(*features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, fp32 features go to the autocast dtype, as autocast does for the naive loss's matmul.
+
+    The kernels then run bf16/fp16 tensor-core dots with fp32 accumulation; the cast is differentiable, so the
+    gradients flow back to the fp32 features. Outside autocast the features are used as they are.
+    """
+    if not features or not torch.is_autocast_enabled(features[0].device.type):
+        return features
+    target = torch.get_autocast_dtype(features[0].device.type)
+    return tuple(f.to(target) if f.dtype == torch.float32 else f for f in features)
+
+
+def _autocast_features_keep_identity(image_rows, text_rows, image_cols, text_cols):
+    """:func:`_autocast_features` that keeps ``rows is cols`` (the global form) true after the cast."""
+    if image_rows is image_cols and text_rows is text_cols:
+        image, text = _autocast_features(image_rows, text_rows)
+        return image, text, image, text
+    return _autocast_features(image_rows, text_rows, image_cols, text_cols)
+
+
 TRITON_OPS = LossOps(
     name="triton",
     infonce_rows=_TritonInfoNCERows.apply,
@@ -247,12 +267,15 @@ TRITON_OPS = LossOps(
 
 def triton_clip_loss_local(image_rows, text_rows, image_cols, text_cols, logit_scale, row_offset=0, tile=1024):
     """Triton :func:`~vlalign.losses.functional.clip_loss_local`; rows (n, D), cols (N, D) -> () fp32."""
+    image_rows, text_rows, image_cols, text_cols = _autocast_features_keep_identity(
+        image_rows, text_rows, image_cols, text_cols)
     return tiled.clip_loss_with(TRITON_OPS, image_rows, text_rows, image_cols, text_cols, logit_scale, row_offset,
                                 tile)
 
 
 def triton_siglip_loss_local(image_rows, text_cols, logit_scale, logit_bias, row_offset=0, tile=1024):
     """Triton :func:`~vlalign.losses.functional.siglip_loss_local`; rows (n, D), cols (N, D) -> () fp32."""
+    image_rows, text_cols = _autocast_features(image_rows, text_cols)
     return tiled.siglip_loss_with(TRITON_OPS, image_rows, text_cols, logit_scale, logit_bias, row_offset, tile)
 
 
@@ -260,5 +283,7 @@ def triton_weighted_clip_loss_local(
     image_rows, text_rows, image_cols, text_cols, logit_scale, weights_rows, row_offset=0, tile=1024
 ):
     """Triton :func:`~vlalign.losses.functional.weighted_clip_loss_local`; weights (n,) detached -> () fp32."""
+    image_rows, text_rows, image_cols, text_cols = _autocast_features_keep_identity(
+        image_rows, text_rows, image_cols, text_cols)
     return tiled.weighted_clip_loss_with(TRITON_OPS, image_rows, text_rows, image_cols, text_cols, logit_scale,
                                          weights_rows, row_offset, tile)
