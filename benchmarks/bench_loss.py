@@ -1,8 +1,9 @@
 """Tiled vs naive contrastive losses on CPU: peak memory at large N, time at N = 4,096, memory-vs-N curve.
 
 Usage:
-    .venv/bin/python benchmarks/bench_loss.py                 # full run (about 30 min on 2 cores)
-    .venv/bin/python benchmarks/bench_loss.py --quick         # smaller sizes (about 2 min)
+    .venv/bin/python benchmarks/bench_loss.py                 # full run (15 min on a quiet 2-core VM, more if shared)
+    .venv/bin/python benchmarks/bench_loss.py --quick         # smaller sizes (a few minutes)
+    .venv/bin/python benchmarks/bench_loss.py --sections time # re-run one section, keep the others in --out
         [--out benchmarks/results/loss_cpu.json] [--plot benchmarks/results/loss_memory_cpu.png] [--reps 5]
 
 Goals (issue 13, CPU):
@@ -142,42 +143,49 @@ def plot(curve: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: N=16k memory, N=2k timing, curve to 16k")
+    parser.add_argument("--sections", default="large,time,curve",
+                        help="comma-separated subset of large,time,curve; the others are kept from an existing --out")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation")
     parser.add_argument("--tile", type=int, default=1024, help="tile of the tiled loss")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/loss_cpu.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks/results/loss_memory_cpu.png")
     args = parser.parse_args(argv)
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if not sections <= {"large", "time", "curve"}:
+        parser.error(f"--sections: unknown {sorted(sections - {'large', 'time', 'curve'})}; use large,time,curve")
 
     big_n = 16384 if args.quick else 65536
     ns = [1024 * 2**k for k in range(5 if args.quick else 7)]  # 1k .. 16k or 64k
     cap = max(2048, min(16384, int(_mem_available_mib() * 0.6)))
+    summary = json.loads(args.out.read_text()) if args.out.exists() and sections != {"large", "time", "curve"} else {}
+    runs = summary.setdefault("runs", [])
+    runs.append({"sections": sorted(sections), "quick": args.quick, "tile": args.tile, "reps": args.reps,
+                 "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                 "naive_memory_cap_mib": cap, "load_average_at_start": os.getloadavg(),
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     started = time.time()
-    print(f"[1/3] memory at N={big_n}, d=256", flush=True)
-    large = memory_at_large_n(big_n, 256, args.tile, cap)
-    print("[2/3] time at N=4096, d=512 (interleaved, medians)" if not args.quick else "[2/3] time at N=2048, d=512",
-          flush=True)
-    # At the default thread count and at 1 thread: on a shared 2-core machine the many short parallel ops of the
-    # tiled loss suffer from other jobs far more than the few large ones of the naive loss.
-    ratio = {f"threads_{t}": time_ratio(2048 if args.quick else 4096, 512, args.tile, args.reps, t)
-             for t in dict.fromkeys([torch.get_num_threads(), 1])}
-    print(f"[3/3] memory vs N ({ns[0]}..{ns[-1]}), d=256", flush=True)
-    curve = memory_curve(ns, 256, args.tile, cap, large)
-    summary = {
-        "config": {"quick": args.quick, "tile": args.tile, "reps": args.reps, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                   "load_average_at_start": os.getloadavg(), "naive_memory_cap_mib": cap},
-        "memory_at_large_n": large,
-        "time_ratio": ratio,
-        "memory_curve": curve,
-        "wall_seconds": time.time() - started,
-        "load_average_at_end": os.getloadavg(),
-    }
+    if "large" in sections:
+        print(f"[large] memory at N={big_n}, d=256", flush=True)
+        summary["memory_at_large_n"] = memory_at_large_n(big_n, 256, args.tile, cap)
+    if "time" in sections:
+        n_time = 2048 if args.quick else 4096
+        print(f"[time] N={n_time}, d=512 (interleaved, medians)", flush=True)
+        # At the default thread count and at 1 thread: on a shared 2-core machine the many short parallel ops of
+        # the tiled loss suffer from other jobs far more than the few large ones of the naive loss.
+        summary["time_ratio"] = {f"threads_{t}": time_ratio(n_time, 512, args.tile, args.reps, t)
+                                 for t in dict.fromkeys([torch.get_num_threads(), 1])}
+    if "curve" in sections:
+        print(f"[curve] memory vs N ({ns[0]}..{ns[-1]}), d=256", flush=True)
+        summary["memory_curve"] = memory_curve(ns, 256, args.tile, cap, summary.get("memory_at_large_n"))
+    runs[-1].update(wall_seconds=time.time() - started, load_average_at_end=os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
-    plot(curve, args.plot)
-    goal2 = ", ".join(f"{k}: {'met' if v['goal_met'] else 'NOT met'}" for k, v in ratio.items())
-    print(f"goal 1 (< 256 MiB at N={big_n}): {'met' if large['goal_met'] else 'NOT met'}; goal 2 (ratio <= 1.5): "
-          f"{goal2}; wrote {args.out} and {args.plot}")
+    if "memory_curve" in summary:
+        plot(summary["memory_curve"], args.plot)
+    large, ratio = summary.get("memory_at_large_n"), summary.get("time_ratio", {})
+    goal1 = "not run" if not large else ("met" if large["goal_met"] else "NOT met")
+    goal2 = ", ".join(f"{k}: {'met' if v['goal_met'] else 'NOT met'}" for k, v in ratio.items()) or "not run"
+    print(f"goal 1 (< 256 MiB at N={big_n}): {goal1}; goal 2 (ratio <= 1.5): {goal2}; wrote {args.out}")
     return summary
 
 
