@@ -163,10 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
     runs.append({"sections": sorted(sections), "quick": args.quick, "tile": args.tile, "reps": args.reps,
                  "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                  "naive_memory_cap_mib": cap, "load_average_at_start": os.getloadavg(),
+                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     started = time.time()
     if "large" in sections:
         print(f"[large] memory at N={big_n}, d=256", flush=True)
+        if "memory_at_large_n" in summary:
+            summary.setdefault("memory_at_large_n_history", []).append(summary["memory_at_large_n"])
         summary["memory_at_large_n"] = memory_at_large_n(big_n, 256, args.tile, cap)
     if "time" in sections:
         n_time = 2048 if args.quick else 4096
