@@ -119,6 +119,7 @@ def loop_siglip(x, cols_y, s, b, offset=0):
 
 def loop_daa_weights(cols_x, cols_y, temperature=0.05):
     """w_i = exp(u_i) / sum_k exp(u_k), u_i = (1 - cos(x_i, mean_j y_j)) / T_w, written out."""
+    cols_x, cols_y = cols_x.detach(), cols_y.detach()
     n = cols_y.shape[0]
     anchor = [sum(float(cols_y[j, k]) for j in range(n)) / n for k in range(cols_y.shape[1])]
     norm_a = math.sqrt(sum(v * v for v in anchor))
