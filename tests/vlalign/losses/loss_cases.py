@@ -37,11 +37,12 @@ class Problem:
     def make(cls, n, d, seed=0, dtype=torch.float64, scale=1 / 0.07, bias=-10.0, image=None, text=None):
         if image is None:
             image, text = features(n, d, seed, dtype)
+        scalar_dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
         return cls(
             image.detach().clone().requires_grad_(),
             text.detach().clone().requires_grad_(),
-            torch.tensor(scale, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True),
-            torch.tensor(bias, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True),
+            torch.tensor(scale, dtype=scalar_dtype, device=image.device, requires_grad=True),
+            torch.tensor(bias, dtype=scalar_dtype, device=image.device, requires_grad=True),
         )
 
     def leaves(self, kind: str) -> list[torch.Tensor]:

@@ -113,8 +113,9 @@ def _launch(name: str, n_rows: int, dim: int, *args, **constexprs) -> None:
                      **constexprs)
 
 
-def _scalar(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    return t.detach().to(acc).reshape(1).contiguous()  # (1,)
+def _scalar(t: torch.Tensor, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-d scale or bias as a (1,) tensor of the accumulation dtype on the kernels' device."""
+    return t.detach().to(device=device, dtype=acc).reshape(1).contiguous()  # (1,)
 
 
 def _row_lse(a: torch.Tensor, b: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ class _TritonInfoNCERows(torch.autograd.Function):
         _require(a)
         acc = acc_dtype(a.dtype)
         a, b = a.contiguous(), b.contiguous()
-        scale1 = _scalar(scale, acc)  # (1,)
+        scale1 = _scalar(scale, acc, a.device)  # (1,)
         lse = _row_lse(a, b, scale1)  # (n,)
         ce = lse - float(scale) * tiled._positive_dots(a, b, offset, _CHUNK, acc)  # (n,)
         ctx.save_for_backward(a, b, scale, lse)
@@ -159,7 +160,7 @@ class _TritonInfoNCERows(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         a, b, scale, lse = ctx.saved_tensors
         acc = lse.dtype
-        scale1 = _scalar(scale, acc)
+        scale1 = _scalar(scale, acc, a.device)
         g = g.to(acc).contiguous()  # (n,)
         grad_a, rowds = _infonce_grad(a, b, scale1, row=(lse, g))  # (n, D), (n,)
         grad_b, _ = _infonce_grad(b, a, scale1, col=(lse, g), write_ds=False)  # (N, D)
@@ -175,7 +176,7 @@ class _TritonInfoNCEGlobal(torch.autograd.Function):
         _require(a)
         acc = acc_dtype(a.dtype)
         a, b = a.contiguous(), b.contiguous()
-        scale1 = _scalar(scale, acc)
+        scale1 = _scalar(scale, acc, a.device)
         row_lse = _row_lse(a, b, scale1)  # (N,) image -> text
         col_lse = _row_lse(b, a, scale1)  # (N,) text -> image: rows of S.T
         pos = float(scale) * tiled._positive_dots(a, b, 0, _CHUNK, acc)  # (N,)
@@ -186,7 +187,7 @@ class _TritonInfoNCEGlobal(torch.autograd.Function):
     def backward(ctx, g_row, g_col):  # type: ignore[override]
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
         acc = row_lse.dtype
-        scale1 = _scalar(scale, acc)
+        scale1 = _scalar(scale, acc, a.device)
         g_row = torch.zeros_like(row_lse) if g_row is None else g_row.to(acc).contiguous()  # (N,)
         g_col = torch.zeros_like(col_lse) if g_col is None else g_col.to(acc).contiguous()  # (N,)
         grad_a, rowds = _infonce_grad(a, b, scale1, row=(row_lse, g_row), col=(col_lse, g_col))  # (N, D), (N,)
@@ -203,7 +204,7 @@ class _TritonSigLIPRows(torch.autograd.Function):
         _require(a)
         acc = acc_dtype(a.dtype)
         a, b = a.contiguous(), b.contiguous()
-        scale1, bias1 = _scalar(scale, acc), _scalar(bias, acc)
+        scale1, bias1 = _scalar(scale, acc, a.device), _scalar(bias, acc, a.device)
         out = torch.empty(a.shape[0], dtype=acc, device=a.device)  # (n,)
         _launch("siglip_fwd_kernel", a.shape[0], a.shape[1], a, b, scale1, bias1, out, a.shape[0], b.shape[0],
                 a.shape[1], offset, PRECISION=_precision(a.dtype))
@@ -215,7 +216,7 @@ class _TritonSigLIPRows(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         a, b, scale, bias = ctx.saved_tensors
         acc = acc_dtype(a.dtype)
-        scale1, bias1 = _scalar(scale, acc), _scalar(bias, acc)
+        scale1, bias1 = _scalar(scale, acc, a.device), _scalar(bias, acc, a.device)
         g = g.to(acc).contiguous()  # (n,)
         n, big_n, dim = a.shape[0], b.shape[0], a.shape[1]
         grad_a = torch.empty(a.shape, dtype=acc, device=a.device)  # (n, D)
