@@ -88,7 +88,8 @@ def _measure(cfg: dict) -> dict:
     n, d, kind, device, tile = cfg["n"], cfg["d"], cfg["loss"], cfg["device"], cfg["tile"]
     dtype = DTYPES[cfg["dtype"]]
     impl = resolve_impl(cfg["impl"], n, device)
-    result = {**cfg, "impl_resolved": impl, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result = {**cfg, "impl_resolved": impl, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}
     inputs = make_inputs(n, d, dtype, device, cfg["seed"])
     result["input_bytes"] = 2 * n * d * inputs["image"].element_size()
     cuda = torch.device(device).type == "cuda"

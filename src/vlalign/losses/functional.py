@@ -178,11 +178,12 @@ def daa_weights(image_cols: torch.Tensor, text_cols: torch.Tensor, temperature: 
         a   = (1/N) * sum_j y_j                                  # (D,) anchor
         w_i = softmax_i( (1 - cos(x_i, a)) / T_w )               # (N,)
 
-    The weights are computed without gradient: they are a re-weighting of the per-sample InfoNCE terms, like
-    importance weights, not a quantity to optimise. Letting gradient through would reward the model for
-    moving images *towards* the anchor only to lower their weight (the softmax weights sum to 1, so the
-    cheapest way to cut the loss would be to shift weight onto already-easy samples), which fights the
-    alignment objective. Detached, the loss is a plain weighted sum whose gradient is sum_i w_i * grad CE_i.
+    The weights are computed without gradient: they re-weight the per-sample InfoNCE terms, like importance
+    weights, and are not a quantity to optimise. With gradient through w, the loss gradient would gain the
+    term sum_i CE_i * grad w_i, which moves weight from hard (high-CE) samples to easy ones, i.e. pulls the
+    hard images towards the anchor (the batch's mean text) just to shrink their weight: a drift of the
+    features towards the mean that works against alignment, and a strong one, since 1/T_w = 20 by default.
+    Detached, the loss is a plain weighted sum whose gradient is sum_i w_i * grad CE_i.
 
     Pass the *gathered* columns, so that under torch.distributed every rank computes the same global anchor and
     weights; slice ``[row_offset : row_offset + n]`` for the local rows. ``temperature`` is T_w (> 0).

@@ -104,6 +104,19 @@ def _positive_backward(
     return ds
 
 
+def _finish_rows(a: torch.Tensor, acc_a: torch.Tensor, scale: float, tile: int) -> torch.Tensor:
+    """Turn ``acc_a = sum_j G_ij b_j`` into ``dL/da = s * acc_a`` in place; return ``sum_ij G_ij a_i . b_j`` (0-d).
+
+    The logit-scale gradient ``sum_ij G_ij (a_i . b_j)`` equals ``sum_i a_i . acc_a_i``, so it costs one
+    O(n * D) pass instead of one product per tile.
+    """
+    ds = torch.zeros((), dtype=acc_a.dtype, device=a.device)  # ()
+    for r0, r1 in _spans(a.shape[0], tile):
+        ds += (a[r0:r1].to(acc_a.dtype) * acc_a[r0:r1]).sum()
+    acc_a.mul_(scale)
+    return ds
+
+
 class _InfoNCERows(torch.autograd.Function):
     """Per-row cross-entropy ``CE_i = logsumexp_j(s * a_i . b_j) - s * a_i . b_{o+i}``: a (n, D), b (N, D) -> (n,)."""
 
@@ -114,9 +127,9 @@ class _InfoNCERows(torch.autograd.Function):
         with _no_autocast(a.device):
             lse = torch.full((a.shape[0],), -torch.inf, dtype=acc, device=a.device)  # (n,) running row LSE
             for r0, r1 in _spans(a.shape[0], tile):
-                a_blk = a[r0:r1].to(acc)  # (tr, D)
+                a_s = a[r0:r1].to(acc) * s  # (tr, D) rows pre-scaled, so a tile is one matmul
                 for c0, c1 in _spans(b.shape[0], tile):
-                    logits = torch.mm(a_blk, b[c0:c1].to(acc).T).mul_(s)  # (tr, tc)
+                    logits = torch.mm(a_s, b[c0:c1].to(acc).T)  # (tr, tc)
                     lse[r0:r1] = torch.logaddexp(lse[r0:r1], torch.logsumexp(logits, dim=1))  # (tr,)
             ce = lse - s * _positive_dots(a, b, offset, tile, acc)  # (n,)
         ctx.save_for_backward(a, b, scale, lse)
@@ -129,18 +142,16 @@ class _InfoNCERows(torch.autograd.Function):
         acc, s, tile = lse.dtype, float(scale), ctx.tile
         with _no_autocast(a.device):
             g = g.to(acc).contiguous()  # (n,) dL/dCE_i
-            grad_a = torch.zeros(a.shape, dtype=acc, device=a.device)  # (n, D)
+            grad_a = torch.zeros(a.shape, dtype=acc, device=a.device)  # (n, D) sum_j G_ij b_j, scaled at the end
             grad_b = torch.zeros(b.shape, dtype=acc, device=b.device)  # (N, D)
-            ds = torch.zeros((), dtype=acc, device=a.device)  # ()
             for r0, r1 in _spans(a.shape[0], tile):
-                a_blk = a[r0:r1].to(acc)  # (tr, D)
+                a_s = a[r0:r1].to(acc) * s  # (tr, D)
                 for c0, c1 in _spans(b.shape[0], tile):
                     b_blk = b[c0:c1].to(acc)  # (tc, D)
-                    dots = torch.mm(a_blk, b_blk.T)  # (tr, tc) unscaled a_i . b_j
-                    grad_logits = (dots * s).sub_(lse[r0:r1, None]).exp_().mul_(g[r0:r1, None])  # (tr, tc) g_i p_ij
-                    grad_a[r0:r1].addmm_(grad_logits, b_blk, alpha=s)  # (tr, D)
-                    grad_b[c0:c1].addmm_(grad_logits.T, a_blk, alpha=s)  # (tc, D)
-                    ds += torch.dot(grad_logits.view(-1), dots.view(-1))
+                    grad_logits = torch.mm(a_s, b_blk.T).sub_(lse[r0:r1, None]).exp_().mul_(g[r0:r1, None])  # g_i p_ij
+                    grad_a[r0:r1].addmm_(grad_logits, b_blk)  # (tr, D)
+                    grad_b[c0:c1].addmm_(grad_logits.T, a_s)  # (tc, D) s * G.T @ a
+            ds = _finish_rows(a, grad_a, s, tile)
             ds += _positive_backward(a, b, g, ctx.offset, s, tile, grad_a, grad_b)
         return grad_a.to(a.dtype), grad_b.to(b.dtype), ds.to(scale.dtype).reshape(scale.shape), None, None
 
@@ -161,9 +172,9 @@ class _InfoNCEGlobal(torch.autograd.Function):
             row_lse = torch.full((n,), -torch.inf, dtype=acc, device=a.device)  # (N,) running row LSE
             col_lse = torch.full((n,), -torch.inf, dtype=acc, device=a.device)  # (N,) running column LSE
             for r0, r1 in _spans(n, tile):
-                a_blk = a[r0:r1].to(acc)  # (tr, D)
+                a_s = a[r0:r1].to(acc) * s  # (tr, D)
                 for c0, c1 in _spans(n, tile):
-                    logits = torch.mm(a_blk, b[c0:c1].to(acc).T).mul_(s)  # (tr, tc)
+                    logits = torch.mm(a_s, b[c0:c1].to(acc).T)  # (tr, tc)
                     row_lse[r0:r1] = torch.logaddexp(row_lse[r0:r1], torch.logsumexp(logits, dim=1))  # (tr,)
                     col_lse[c0:c1] = torch.logaddexp(col_lse[c0:c1], torch.logsumexp(logits, dim=0))  # (tc,)
             pos = s * _positive_dots(a, b, 0, tile, acc)  # (N,) diagonal logits
@@ -178,20 +189,18 @@ class _InfoNCEGlobal(torch.autograd.Function):
         with _no_autocast(a.device):
             g_row = torch.zeros_like(row_lse) if g_row is None else g_row.to(acc).contiguous()  # (N,)
             g_col = torch.zeros_like(col_lse) if g_col is None else g_col.to(acc).contiguous()  # (N,)
-            grad_a = torch.zeros(a.shape, dtype=acc, device=a.device)  # (N, D)
+            grad_a = torch.zeros(a.shape, dtype=acc, device=a.device)  # (N, D) sum_j G_ij b_j, scaled at the end
             grad_b = torch.zeros(b.shape, dtype=acc, device=b.device)  # (N, D)
-            ds = torch.zeros((), dtype=acc, device=a.device)  # ()
             for r0, r1 in _spans(n, tile):
-                a_blk = a[r0:r1].to(acc)  # (tr, D)
+                a_s = a[r0:r1].to(acc) * s  # (tr, D)
                 for c0, c1 in _spans(n, tile):
                     b_blk = b[c0:c1].to(acc)  # (tc, D)
-                    dots = torch.mm(a_blk, b_blk.T)  # (tr, tc)
-                    logits = dots * s  # (tr, tc)
+                    logits = torch.mm(a_s, b_blk.T)  # (tr, tc)
                     grad_logits = (logits - row_lse[r0:r1, None]).exp_().mul_(g_row[r0:r1, None])  # (tr, tc)
                     grad_logits += logits.sub_(col_lse[None, c0:c1]).exp_().mul_(g_col[None, c0:c1])  # (tr, tc)
-                    grad_a[r0:r1].addmm_(grad_logits, b_blk, alpha=s)  # (tr, D)
-                    grad_b[c0:c1].addmm_(grad_logits.T, a_blk, alpha=s)  # (tc, D)
-                    ds += torch.dot(grad_logits.view(-1), dots.view(-1))
+                    grad_a[r0:r1].addmm_(grad_logits, b_blk)  # (tr, D)
+                    grad_b[c0:c1].addmm_(grad_logits.T, a_s)  # (tc, D)
+            ds = _finish_rows(a, grad_a, s, tile)
             ds += _positive_backward(a, b, g_row + g_col, 0, s, tile, grad_a, grad_b)
         return grad_a.to(a.dtype), grad_b.to(b.dtype), ds.to(scale.dtype).reshape(scale.shape), None
 
@@ -205,17 +214,17 @@ class _SigLIPRows(torch.autograd.Function):
         s, t = float(scale), float(bias)
         with _no_autocast(a.device):
             out = torch.zeros(a.shape[0], dtype=acc, device=a.device)  # (n,)
+            minus_t = torch.tensor(-t, dtype=acc, device=a.device)  # ()
             for r0, r1 in _spans(a.shape[0], tile):
-                a_blk = a[r0:r1].to(acc)  # (tr, D)
+                a_neg = a[r0:r1].to(acc) * -s  # (tr, D)
                 for c0, c1 in _spans(b.shape[0], tile):
-                    logits = torch.mm(a_blk, b[c0:c1].to(acc).T).mul_(s).add_(t)  # (tr, tc)
+                    neg_logits = torch.addmm(minus_t, a_neg, b[c0:c1].to(acc).T)  # (tr, tc) -l = -(s a.b + t)
                     lo, hi = _diagonal(r0, r1, c0, c1, offset)
                     rows = torch.arange(lo - r0, hi - r0, device=a.device)  # (k,) tile rows holding a positive
                     cols = rows + (r0 + offset - c0)  # (k,) their positive's tile column
-                    pos_logits = logits[rows, cols]  # (k,) z = +1
-                    loss = F.logsigmoid(logits.neg_()).neg_()  # (tr, tc) z = -1: -log sigmoid(-l) = softplus(l)
-                    loss[rows, cols] = -F.logsigmoid(pos_logits)  # (k,)
-                    out[r0:r1] += loss.sum(dim=1)  # (tr,)
+                    log_sig = F.logsigmoid(neg_logits)  # (tr, tc) log sigmoid(z l) for z = -1
+                    log_sig[rows, cols] = F.logsigmoid(-neg_logits[rows, cols])  # (k,) z = +1 on the positives
+                    out[r0:r1] -= log_sig.sum(dim=1)  # (tr,)
         ctx.save_for_backward(a, b, scale, bias)
         ctx.offset, ctx.tile = offset, tile
         return out
@@ -226,16 +235,15 @@ class _SigLIPRows(torch.autograd.Function):
         acc, s, t, tile, offset = acc_dtype(a.dtype), float(scale), float(bias), ctx.tile, ctx.offset
         with _no_autocast(a.device):
             g = g.to(acc).contiguous()  # (n,)
-            grad_a = torch.zeros(a.shape, dtype=acc, device=a.device)  # (n, D)
+            grad_a = torch.zeros(a.shape, dtype=acc, device=a.device)  # (n, D) sum_j G_ij b_j, scaled at the end
             grad_b = torch.zeros(b.shape, dtype=acc, device=b.device)  # (N, D)
-            ds = torch.zeros((), dtype=acc, device=a.device)  # ()
             db = torch.zeros((), dtype=acc, device=a.device)  # ()
+            bias_t = torch.tensor(t, dtype=acc, device=a.device)  # ()
             for r0, r1 in _spans(a.shape[0], tile):
-                a_blk = a[r0:r1].to(acc)  # (tr, D)
+                a_s = a[r0:r1].to(acc) * s  # (tr, D)
                 for c0, c1 in _spans(b.shape[0], tile):
                     b_blk = b[c0:c1].to(acc)  # (tc, D)
-                    dots = torch.mm(a_blk, b_blk.T)  # (tr, tc)
-                    logits = dots * s + t  # (tr, tc)
+                    logits = torch.addmm(bias_t, a_s, b_blk.T)  # (tr, tc)
                     lo, hi = _diagonal(r0, r1, c0, c1, offset)
                     rows = torch.arange(lo - r0, hi - r0, device=a.device)  # (k,)
                     cols = rows + (r0 + offset - c0)  # (k,)
@@ -243,10 +251,10 @@ class _SigLIPRows(torch.autograd.Function):
                     grad_logits = logits.sigmoid_()  # (tr, tc) d/dl of -log sigmoid(-l) = sigmoid(l)
                     grad_logits[rows, cols] = pos_grad
                     grad_logits.mul_(g[r0:r1, None])  # (tr, tc)
-                    grad_a[r0:r1].addmm_(grad_logits, b_blk, alpha=s)  # (tr, D)
-                    grad_b[c0:c1].addmm_(grad_logits.T, a_blk, alpha=s)  # (tc, D)
-                    ds += torch.dot(grad_logits.view(-1), dots.view(-1))
+                    grad_a[r0:r1].addmm_(grad_logits, b_blk)  # (tr, D)
+                    grad_b[c0:c1].addmm_(grad_logits.T, a_s)  # (tc, D)
                     db += grad_logits.sum()
+            ds = _finish_rows(a, grad_a, s, tile)
         return (
             grad_a.to(a.dtype),
             grad_b.to(b.dtype),

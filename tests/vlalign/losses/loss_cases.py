@@ -37,11 +37,12 @@ class Problem:
     def make(cls, n, d, seed=0, dtype=torch.float64, scale=1 / 0.07, bias=-10.0, image=None, text=None):
         if image is None:
             image, text = features(n, d, seed, dtype)
+        scalar_dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
         return cls(
             image.detach().clone().requires_grad_(),
             text.detach().clone().requires_grad_(),
-            torch.tensor(scale, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True),
-            torch.tensor(bias, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True),
+            torch.tensor(scale, dtype=scalar_dtype, device=image.device, requires_grad=True),
+            torch.tensor(bias, dtype=scalar_dtype, device=image.device, requires_grad=True),
         )
 
     def leaves(self, kind: str) -> list[torch.Tensor]:
@@ -119,6 +120,7 @@ def loop_siglip(x, cols_y, s, b, offset=0):
 
 def loop_daa_weights(cols_x, cols_y, temperature=0.05):
     """w_i = exp(u_i) / sum_k exp(u_k), u_i = (1 - cos(x_i, mean_j y_j)) / T_w, written out."""
+    cols_x, cols_y = cols_x.detach(), cols_y.detach()
     n = cols_y.shape[0]
     anchor = [sum(float(cols_y[j, k]) for j in range(n)) / n for k in range(cols_y.shape[1])]
     norm_a = math.sqrt(sum(v * v for v in anchor))

@@ -74,3 +74,28 @@ def test_auto_really_runs_the_tiled_path_above_the_threshold() -> None:
     naive = contrastive_loss("clip", "auto", tiled_threshold=64, **kwargs)
     assert "_InfoNCEGlobalBackward" in graph_node_names(tiled)
     assert not any("InfoNCE" in name for name in graph_node_names(naive))
+
+
+def test_import_does_not_need_triton() -> None:
+    """``import vlalign.losses`` neither imports triton nor needs it; without it auto falls back to tiled on CUDA."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[3] / "src"
+    code = (
+        "import sys\n"
+        "import vlalign.losses\n"
+        "assert 'triton' not in sys.modules, 'importing vlalign.losses imported triton'\n"
+        "sys.modules['triton'] = None  # now make triton unimportable, as if it were not installed\n"
+        "import importlib, vlalign.losses.triton as T\n"
+        "importlib.reload(T)\n"
+        "from vlalign.losses.triton import ops\n"
+        "assert not T.HAS_TRITON\n"
+        "from vlalign.losses.select import resolve_impl\n"
+        "print(resolve_impl('auto', 10, 'cuda'), ops.triton_unavailable_reason(__import__('torch').device('cuda')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[0] == "tiled" and "triton is not installed" in proc.stdout

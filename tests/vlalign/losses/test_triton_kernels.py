@@ -107,3 +107,16 @@ def test_triton_matches_naive_fp64_at_a_few_thousand(kind: str) -> None:
     assert abs(float(loss) - float(want)) < 1e-4 * max(1.0, abs(float(want)))
     for g, w in zip(grads, want_grads):
         assert float((g.double() - w).abs().max()) < 1e-3 * (float(w.abs().max()) + 1e-12)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])  # (DAA weights would differ: computed from other features)
+def test_triton_under_autocast_runs_on_autocast_dtype_features(kind: str) -> None:
+    """fp32 features under bf16 autocast give the bf16-feature loss, and fp32 gradients reach the features."""
+    n = 300 if DEVICE == "cuda" else 20
+    p32 = _on(Problem.make(n, 16, seed=8, scale=10.0, bias=-4.0), DEVICE, torch.float32)
+    p16 = _on(p32, DEVICE, torch.bfloat16)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss, grads = value_and_grads(kind, _triton(), p32)
+    want, _ = value_and_grads(kind, _triton(), p16)
+    assert loss.dtype == torch.float32 and grads[0].dtype == torch.float32
+    assert abs(float(loss) - float(want)) < 1e-5 * max(1.0, abs(float(want)))

@@ -10,7 +10,16 @@ from __future__ import annotations
 import importlib.util
 import os
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _has_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as absent
+        return False
+
+
+HAS_TRITON = _has_triton()
 
 
 def interpreting() -> bool:

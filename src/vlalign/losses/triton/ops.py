@@ -113,8 +113,9 @@ def _launch(name: str, n_rows: int, dim: int, *args, **constexprs) -> None:
                      **constexprs)
 
 
-def _scalar(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    return t.detach().to(acc).reshape(1).contiguous()  # (1,)
+def _scalar(t: torch.Tensor, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-d scale or bias as a (1,) tensor of the accumulation dtype on the kernels' device."""
+    return t.detach().to(device=device, dtype=acc).reshape(1).contiguous()  # (1,)
 
 
 def _row_lse(a: torch.Tensor, b: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ class _TritonInfoNCERows(torch.autograd.Function):
         _require(a)
         acc = acc_dtype(a.dtype)
         a, b = a.contiguous(), b.contiguous()
-        scale1 = _scalar(scale, acc)  # (1,)
+        scale1 = _scalar(scale, acc, a.device)  # (1,)
         lse = _row_lse(a, b, scale1)  # (n,)
         ce = lse - float(scale) * tiled._positive_dots(a, b, offset, _CHUNK, acc)  # (n,)
         ctx.save_for_backward(a, b, scale, lse)
@@ -159,7 +160,7 @@ class _TritonInfoNCERows(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         a, b, scale, lse = ctx.saved_tensors
         acc = lse.dtype
-        scale1 = _scalar(scale, acc)
+        scale1 = _scalar(scale, acc, a.device)
         g = g.to(acc).contiguous()  # (n,)
         grad_a, rowds = _infonce_grad(a, b, scale1, row=(lse, g))  # (n, D), (n,)
         grad_b, _ = _infonce_grad(b, a, scale1, col=(lse, g), write_ds=False)  # (N, D)
@@ -175,7 +176,7 @@ class _TritonInfoNCEGlobal(torch.autograd.Function):
         _require(a)
         acc = acc_dtype(a.dtype)
         a, b = a.contiguous(), b.contiguous()
-        scale1 = _scalar(scale, acc)
+        scale1 = _scalar(scale, acc, a.device)
         row_lse = _row_lse(a, b, scale1)  # (N,) image -> text
         col_lse = _row_lse(b, a, scale1)  # (N,) text -> image: rows of S.T
         pos = float(scale) * tiled._positive_dots(a, b, 0, _CHUNK, acc)  # (N,)
@@ -186,7 +187,7 @@ class _TritonInfoNCEGlobal(torch.autograd.Function):
     def backward(ctx, g_row, g_col):  # type: ignore[override]
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
         acc = row_lse.dtype
-        scale1 = _scalar(scale, acc)
+        scale1 = _scalar(scale, acc, a.device)
         g_row = torch.zeros_like(row_lse) if g_row is None else g_row.to(acc).contiguous()  # (N,)
         g_col = torch.zeros_like(col_lse) if g_col is None else g_col.to(acc).contiguous()  # (N,)
         grad_a, rowds = _infonce_grad(a, b, scale1, row=(row_lse, g_row), col=(col_lse, g_col))  # (N, D), (N,)
@@ -203,7 +204,7 @@ class _TritonSigLIPRows(torch.autograd.Function):
         _require(a)
         acc = acc_dtype(a.dtype)
         a, b = a.contiguous(), b.contiguous()
-        scale1, bias1 = _scalar(scale, acc), _scalar(bias, acc)
+        scale1, bias1 = _scalar(scale, acc, a.device), _scalar(bias, acc, a.device)
         out = torch.empty(a.shape[0], dtype=acc, device=a.device)  # (n,)
         _launch("siglip_fwd_kernel", a.shape[0], a.shape[1], a, b, scale1, bias1, out, a.shape[0], b.shape[0],
                 a.shape[1], offset, PRECISION=_precision(a.dtype))
@@ -215,7 +216,7 @@ class _TritonSigLIPRows(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         a, b, scale, bias = ctx.saved_tensors
         acc = acc_dtype(a.dtype)
-        scale1, bias1 = _scalar(scale, acc), _scalar(bias, acc)
+        scale1, bias1 = _scalar(scale, acc, a.device), _scalar(bias, acc, a.device)
         g = g.to(acc).contiguous()  # (n,)
         n, big_n, dim = a.shape[0], b.shape[0], a.shape[1]
         grad_a = torch.empty(a.shape, dtype=acc, device=a.device)  # (n, D)
@@ -237,6 +238,26 @@ class _TritonSigLIPRows(torch.autograd.Function):
         )
 
 
+def _autocast_features(*features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, fp32 features go to the autocast dtype, as autocast does for the naive loss's matmul.
+
+    The kernels then run bf16/fp16 tensor-core dots with fp32 accumulation; the cast is differentiable, so the
+    gradients flow back to the fp32 features. Outside autocast the features are used as they are.
+    """
+    if not features or not torch.is_autocast_enabled(features[0].device.type):
+        return features
+    target = torch.get_autocast_dtype(features[0].device.type)
+    return tuple(f.to(target) if f.dtype == torch.float32 else f for f in features)
+
+
+def _autocast_features_keep_identity(image_rows, text_rows, image_cols, text_cols):
+    """:func:`_autocast_features` that keeps ``rows is cols`` (the global form) true after the cast."""
+    if image_rows is image_cols and text_rows is text_cols:
+        image, text = _autocast_features(image_rows, text_rows)
+        return image, text, image, text
+    return _autocast_features(image_rows, text_rows, image_cols, text_cols)
+
+
 TRITON_OPS = LossOps(
     name="triton",
     infonce_rows=_TritonInfoNCERows.apply,
@@ -247,12 +268,15 @@ TRITON_OPS = LossOps(
 
 def triton_clip_loss_local(image_rows, text_rows, image_cols, text_cols, logit_scale, row_offset=0, tile=1024):
     """Triton :func:`~vlalign.losses.functional.clip_loss_local`; rows (n, D), cols (N, D) -> () fp32."""
+    image_rows, text_rows, image_cols, text_cols = _autocast_features_keep_identity(
+        image_rows, text_rows, image_cols, text_cols)
     return tiled.clip_loss_with(TRITON_OPS, image_rows, text_rows, image_cols, text_cols, logit_scale, row_offset,
                                 tile)
 
 
 def triton_siglip_loss_local(image_rows, text_cols, logit_scale, logit_bias, row_offset=0, tile=1024):
     """Triton :func:`~vlalign.losses.functional.siglip_loss_local`; rows (n, D), cols (N, D) -> () fp32."""
+    image_rows, text_cols = _autocast_features(image_rows, text_cols)
     return tiled.siglip_loss_with(TRITON_OPS, image_rows, text_cols, logit_scale, logit_bias, row_offset, tile)
 
 
@@ -260,5 +284,7 @@ def triton_weighted_clip_loss_local(
     image_rows, text_rows, image_cols, text_cols, logit_scale, weights_rows, row_offset=0, tile=1024
 ):
     """Triton :func:`~vlalign.losses.functional.weighted_clip_loss_local`; weights (n,) detached -> () fp32."""
+    image_rows, text_rows, image_cols, text_cols = _autocast_features_keep_identity(
+        image_rows, text_rows, image_cols, text_cols)
     return tiled.weighted_clip_loss_with(TRITON_OPS, image_rows, text_rows, image_cols, text_cols, logit_scale,
                                          weights_rows, row_offset, tile)
