@@ -81,3 +81,24 @@ def test_verbose_prints_the_traceback_too(tmp_path: Path, capsys: pytest.Capture
 def test_unexpected_errors_keep_their_traceback(tmp_path: Path) -> None:
     with pytest.raises(json.JSONDecodeError):  # not a vlalign error: raised as is
         main(["demo", "--root", str(tmp_path / "d"), "--config", "{not json"])
+
+
+def test_loss_bench_prints_time_and_peak_memory_as_json(capsys) -> None:
+    import json
+
+    from vlalign.cli import main
+
+    assert main(["loss-bench", "--n", "128", "--d", "16", "--loss", "siglip", "--impl", "tiled", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 128 and result["impl_resolved"] == "tiled" and result["seconds"] > 0
+    assert result["peak_bytes"] >= 0 and result["loss_value"] == result["loss_value"]
+
+
+def test_train_help_documents_every_input(capsys) -> None:
+    from vlalign.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--spec", "--model", "--stage", "--data", "--init", "--out", "--set-stage", "--set-model"):
+        assert flag in text
