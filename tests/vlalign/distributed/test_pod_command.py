@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from vlalign.launch.config import KubernetesConfig, StorageConfig
 from vlalign.launch.k8s import stage_manifests
@@ -47,10 +48,16 @@ def test_the_jobs_pod_commands_run_locally_and_match_a_local_run(tmp_path: Path)
     template = load_template_file(REPO / "k8s/base/train-podtemplate.yaml")
     mounts = template["template"]["spec"]["containers"][0]["volumeMounts"]
     next(m for m in mounts if m["name"] == "data")["mountPath"] = str(shared)
-    config = KubernetesConfig(nnodes=2, nproc_per_node=1, master_port=_free_port(),
+    # the pipeline's MLflow run (the parent); the pods log the stage's run into it, from rank 0 only
+    tracking = f"sqlite:///{shared / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking)
+    experiment = client.create_experiment("pods")
+    parent = client.create_run(experiment).info.run_id
+    config = KubernetesConfig(nnodes=2, nproc_per_node=1, master_port=_free_port(), mlflow_tracking_uri=tracking,
                               storage=StorageConfig(local_root=str(shared), mount_path=str(shared)))
     spec = TrainSpec(model=cfg.to_dict(), stage=stage.to_dict(), data=str(shared / "manifest.parquet"),
-                     out_dir=str(shared / "06_models" / "k8s"))
+                     out_dir=str(shared / "06_models" / "k8s"),
+                     mlflow={"tracking_uri": tracking, "experiment_id": experiment, "parent_run_id": parent})
     manifests = stage_manifests(spec, config, template, echo=lambda _: None)
 
     processes = []
@@ -69,6 +76,10 @@ def test_the_jobs_pod_commands_run_locally_and_match_a_local_run(tmp_path: Path)
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], "\n".join(outputs)
 
+    stage_runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(stage_runs) == 1, "one MLflow run per stage, not one per rank"
+    assert stage_runs[0].data.tags["vlalign.stage"] == "k8s" and stage_runs[0].info.status == "FINISHED"
+    assert len(client.get_metric_history(stage_runs[0].info.run_id, "loss")) == 3
     final = load_checkpoint(shared / "06_models" / "k8s" / "final.pt")
     assert final["world_size"] == 2 and final["completed"]
     for key, value in local["model"].items():
