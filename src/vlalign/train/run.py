@@ -105,11 +105,13 @@ def spec_from_args(args: Any) -> TrainSpec:
 
     from vlalign.models.config import get_model_config
 
-    if args.spec:
+    if args.spec:  # the spec, with any flag given on top (e.g. the same stage into another folder)
         spec = TrainSpec.load(args.spec)
-        if args.set_stage or args.set_model:
-            spec.stage = apply_overrides(spec.stage, args.set_stage, "--set-stage")
-            spec.model = apply_overrides(spec.model, args.set_model, "--set-model")
+        spec.stage = StageConfig.from_dict(apply_overrides(spec.stage, args.set_stage, "--set-stage")).to_dict()
+        spec.model = ModelConfig.from_dict(apply_overrides(spec.model, args.set_model, "--set-model")).to_dict()
+        spec.data = args.data or spec.data
+        spec.init = args.init or spec.init
+        spec.out_dir = args.out or spec.out_dir
         return spec
     missing = [flag for flag, value in (("--stage", args.stage), ("--data", args.data), ("--out", args.out))
                if not value]
@@ -139,7 +141,8 @@ def add_train_arguments(parser: Any) -> None:
     """The options of ``vlalign train`` (documented for ``--help``)."""
     parser.add_argument("--spec", help="a train spec JSON (vlalign.train.spec.TrainSpec: model, stage, data, out_dir, "
                         "init, mlflow). The Kedro training node writes one per stage as <stage folder>/spec.json; "
-                        "torchrun and Kubernetes pods run exactly that file. Replaces the flags below.")
+                        "torchrun and Kubernetes pods run exactly that file. With --spec, --data, --init, --out and "
+                        "the --set-* overrides apply on top of it; --model and --stage are not used.")
     parser.add_argument("--model", help="a named model config (`vlalign models`, default tiny-vit-bert) or a "
                         "model-config YAML/JSON file (the fields of vlalign.models.ModelConfig)")
     parser.add_argument("--stage", help="a stage-config YAML/JSON file: the fields of vlalign.train.StageConfig "
