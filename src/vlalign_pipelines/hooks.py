@@ -26,13 +26,27 @@ class RuntimeHooks:
         os.environ.setdefault("MLFLOW_TRACKING_URI", default_store)
         log.info("MLflow tracking URI: %s", os.environ["MLFLOW_TRACKING_URI"])
 
-    @hook_impl
-    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+    @staticmethod
+    def _set_threads() -> None:
         import torch
 
         threads = int(os.environ.get("VLALIGN_NUM_THREADS", os.cpu_count() or 1))
         torch.set_num_threads(max(1, threads))
         log.info("torch uses %d CPU threads (set VLALIGN_NUM_THREADS to change)", torch.get_num_threads())
+
+    @hook_impl(trylast=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._set_threads()
+        # Under `dvc repro` / `dvc exp run`, tag the MLflow run (kedro-mlflow's, started by then: this hook runs
+        # last) with the DVC stage and experiment, so `dvc exp show` rows and MLflow runs can be matched.
+        from vlalign.tracking.lineage import dvc_environment
+
+        found = dvc_environment()
+        if found:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.set_tags({f"dvc.{key}": value for key, value in found.items()})
 
     @hook_impl(trylast=True)
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
