@@ -37,6 +37,10 @@ class RuntimeHooks:
     @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         self._set_threads()
+        # The code that runs, as the lineage of a registered model records it (not the tree at registration).
+        from vlalign.tracking.lineage import remember_code_state
+
+        remember_code_state(run_params.get("project_path") or ".")
         # Under `dvc repro` / `dvc exp run`, tag the MLflow run (kedro-mlflow's, started by then: this hook runs
         # last) with the DVC stage and experiment, so `dvc exp show` rows and MLflow runs can be matched.
         from vlalign.tracking.lineage import dvc_environment
@@ -48,10 +52,18 @@ class RuntimeHooks:
             if mlflow.active_run() is not None:
                 mlflow.set_tags({f"dvc.{key}": value for key, value in found.items()})
 
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        from vlalign.tracking.lineage import forget_code_state
+
+        forget_code_state(run_params.get("project_path") or ".")
+
     @hook_impl(trylast=True)
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        from vlalign.tracking.lineage import forget_code_state
         from vlalign.tracking.mlflow import close_leftover_runs
 
+        forget_code_state(run_params.get("project_path") or ".")
         ended = close_leftover_runs()
         if ended:
             log.debug("closed %d MLflow run(s) left on the run stack", ended)

@@ -275,7 +275,8 @@ def sha256_json(value: Any) -> str:
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Leaves of nested dicts/lists by dotted path (list items by their ``name`` when they have one)."""
+    """Leaves of nested dicts/lists by dotted path (list items by their ``name`` when they have one); empty
+    containers have no leaves."""
     if isinstance(tree, Mapping):
         items = tree.items()
     elif isinstance(tree, list):
@@ -285,9 +286,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in items:
         flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    if not flat and prefix:
-        flat[prefix] = tree  # an empty mapping or list is a value too
-    return flat
+    return flat  # an empty mapping or list has no leaves: the same as an absent key
 
 
 def changed_params(recorded: Mapping[str, Any], current: Mapping[str, Any], groups: Sequence[str],

@@ -26,7 +26,9 @@ checked by an audit:
     ``conf/`` such as ``conf/local/*.yml``), ``tracked_changes`` / ``untracked`` / ``ignored_config`` (paths;
     ignored config files with their md5, never their contents, since they may hold credentials;
     ``credentials*`` files are left out), ``watched`` (those folders) and ``diff_sha256`` (sha256 of the patch
-    artifact). All ``None`` outside a git work tree.
+    artifact). All ``None`` outside a git work tree. It is the state when the run started (the hooks take a
+    snapshot, :func:`remember_code_state`); ``changed_during_run`` says whether the tree changed before the
+    model was registered (None: no snapshot was taken, the state is the one at registration).
 ``inputs``
     name -> ``{"path", "md5", "size", "isdir", "nfiles"?}``: every input file or folder the run used (raw
     data, the clean manifest, shards, pretrained weight and vocabulary files), hashed as DVC does.
@@ -197,6 +199,38 @@ def git_patch(repo: str | Path = ".", untracked: Sequence[str] = (), base: str =
             continue
         parts.append(_git(repo, "diff", "--no-index", "--binary", "--", "/dev/null", path, ok_codes=(0, 1)) or "")
     return "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)
+
+
+#: Code state taken when a run started (:func:`remember_code_state`), by absolute repository path.
+_CODE_AT_START: dict[str, tuple[dict[str, Any], str]] = {}
+
+
+def remember_code_state(repo: str | Path = ".", watched: Sequence[str] = WATCHED_FOLDERS) -> None:
+    """Take the git state and patch now (when a run starts): :func:`build_lineage` records this snapshot, the code
+    that ran, rather than the tree as it is when the model is registered, minutes or hours later."""
+    state = git_state(repo, watched)
+    patch = git_patch(repo, state["untracked"] or ()) if state["commit"] and state["dirty"] else ""
+    _CODE_AT_START[str(Path(repo).resolve())] = (state, patch)
+
+
+def forget_code_state(repo: str | Path = ".") -> None:
+    """Drop the snapshot of :func:`remember_code_state` (when the run ends)."""
+    _CODE_AT_START.pop(str(Path(repo).resolve()), None)
+
+
+def code_state(repo: str | Path = ".", watched: Sequence[str] = WATCHED_FOLDERS) -> tuple[dict[str, Any], str]:
+    """``(git state, patch)`` of the code that ran: the snapshot taken when the run started when there is one (for
+    the same watched folders), else the tree now. ``changed_during_run`` says whether the tree changed since."""
+    state = git_state(repo, watched)
+    patch = git_patch(repo, state["untracked"] or ()) if state["commit"] and state["dirty"] else ""
+    started = _CODE_AT_START.get(str(Path(repo).resolve()))
+    if started is None or started[0].get("watched") != state.get("watched"):
+        return {**state, "changed_during_run": None}, patch
+    changed = (started[0]["commit"], started[1]) != (state["commit"], patch)
+    if changed:
+        log.warning("the code in %s changed while the run ran (commit or uncommitted changes): the lineage records the "
+                    "code as it was when the run started.", repo)
+    return {**started[0], "changed_during_run": changed}, started[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,8 +505,7 @@ def build_lineage(
     Raises:
         ConfigError: an input or output path does not exist.
     """
-    git = git_state(repo, watched)
-    patch = git_patch(repo, git["untracked"] or ()) if git["commit"] and git["dirty"] else ""
+    git, patch = code_state(repo, watched)
     git["diff_sha256"] = hashlib.sha256(patch.encode()).hexdigest() if patch else None
     all_inputs = dict(inputs)
     all_inputs.update(model_files(model_config or {}))
