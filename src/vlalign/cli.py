@@ -78,6 +78,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from vlalign.tracking.audit import AuditConfig, run_audit
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per check, no progress bars
     if not os.environ.get("MLFLOW_TRACKING_URI"):  # the project's store, as `kedro run` uses it
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(Path(args.repo) / 'mlflow.db').resolve()}"
     config = AuditConfig(model_uri=args.model_uri, repo=args.repo, retrain=args.retrain, tolerance=args.tolerance,

@@ -366,13 +366,17 @@ class Relocation:
             out["image_root"] = [self.roots(r) if isinstance(r, str) else r for r in out["image_root"]]
         return out
 
-    def inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """Evaluation inputs with every image path and root mapped."""
+    def inputs(self, inputs: Mapping[str, Any], roots: bool = True) -> dict[str, Any]:
+        """Evaluation inputs with every image path (and, with ``roots``, every allowed root) mapped.
+
+        The content identity of probe pairs includes their root strings as recorded, so it is computed on inputs
+        mapped with ``roots=False``; evaluating needs the roots mapped too (images are opened inside them)."""
+        root = self.roots if roots else (lambda value: value)
         out = json.loads(json.dumps(inputs))
         if out.get("zero_shot"):
-            out["zero_shot"]["images"] = [[self.path(p), self.roots(r), label] for p, r, label in out["zero_shot"]["images"]]
+            out["zero_shot"]["images"] = [[self.path(p), root(r), label] for p, r, label in out["zero_shot"]["images"]]
         if out.get("compositional"):
-            out["compositional"]["pairs"] = [[self.path(p[0]), *p[1:4], self.roots(p[4])] if len(p) > 4 else
+            out["compositional"]["pairs"] = [[self.path(p[0]), *p[1:4], root(p[4])] if len(p) > 4 else
                                              [self.path(p[0]), *p[1:]] for p in out["compositional"]["pairs"]]
         return out
 
@@ -652,7 +656,7 @@ def check_input(
         if current["md5"] == record["md5"]:
             held = ""
             if dvc is not None and outs:
-                held = "; DVC has it in the cache" if dvc._complete(record["md5"]) else "; not in the DVC cache (run `dvc commit`)"
+                held = "; DVC has it in the cache" if dvc._complete(record["md5"]) else "; not in the local DVC cache"
             return (Check(f"data:{name}", PASS, f"{record['path']}: the work tree has the recorded {_describe_record(record)} "
                           f"({dvc_note}{held}).", details), Located(name, recorded, local, "work tree"))
     what_differs = "does not exist" if current is None else f"has {_describe_record(current)}"
@@ -983,12 +987,12 @@ def audit(config: AuditConfig, client: Any = None) -> AuditReport:
         manifest = None
         if manifest_loc is not None and manifest_loc.local is not None:
             manifest = relocation.frame(pd.read_parquet(manifest_loc.local))
-        inputs = _read_json(files.get("evaluation_inputs"))
-        if inputs is not None:
-            inputs = relocation.inputs(inputs)
+        recorded_inputs = _read_json(files.get("evaluation_inputs"))
+        inputs = relocation.inputs(recorded_inputs) if recorded_inputs is not None else None
         threads = (lineage.get("hardware") or {}).get("torch_threads")
         data_ok = all(loc.local is not None for loc in located.values())
-        evaluation = check_evaluation_data(inputs, lineage, manifest, tags) if data_ok else \
+        identity_inputs = relocation.inputs(recorded_inputs, roots=False) if recorded_inputs is not None else None
+        evaluation = check_evaluation_data(identity_inputs, lineage, manifest, tags) if data_ok else \
             Check("evaluation_data", SKIP, "the recorded data is not all available (see the data checks).")
         checks.append(evaluation)
         recorded_metrics = json.loads(tags["eval.metrics"]) if tags.get("eval.metrics") else \
