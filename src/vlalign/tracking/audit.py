@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -54,7 +53,7 @@ from typing import Any
 
 import pandas as pd
 
-from vlalign.errors import ConfigError, RegistryError, VLAlignError
+from vlalign.errors import ConfigError, VLAlignError
 from vlalign.tracking.hashing import dvc_hash, dvc_listing, evaluation_data_identity, listing_diff, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -432,7 +431,8 @@ class DvcStore:
         except Exception as exc:  # noqa: BLE001 - only for the message
             return f"unreadable DVC configuration ({exc})"
 
-    def _complete(self, md5: str) -> bool:
+    def has(self, md5: str) -> bool:
+        """True when the cache holds ``md5`` completely (for a folder: its listing and every file)."""
         from dvc_data.hashfile.hash_info import HashInfo
         from dvc_data.hashfile.tree import Tree
 
@@ -452,7 +452,7 @@ class DvcStore:
         from dvc_data.hashfile.hash_info import HashInfo
         from dvc_data.hashfile.tree import Tree
 
-        if self._complete(md5):
+        if self.has(md5):
             return "cache", ""
         info = HashInfo("md5", md5)
         try:
@@ -462,7 +462,7 @@ class DvcStore:
                 self.repo.cloud.pull({oid for _, _, oid in tree})
         except Exception as exc:  # noqa: BLE001 - no remote, unreachable remote: say so
             return None, f"fetching from the remote failed ({type(exc).__name__}: {exc})"
-        if self._complete(md5):
+        if self.has(md5):
             return "remote", ""
         return None, "neither the cache nor the remote has it"
 
@@ -656,16 +656,17 @@ def check_input(
         if current["md5"] == record["md5"]:
             held = ""
             if dvc is not None and outs:
-                held = "; DVC has it in the cache" if dvc._complete(record["md5"]) else "; not in the local DVC cache"
+                held = "; DVC has it in the cache" if dvc.has(record["md5"]) else "; not in the local DVC cache"
             return (Check(f"data:{name}", PASS, f"{record['path']}: the work tree has the recorded {_describe_record(record)} "
                           f"({dvc_note}{held}).", details), Located(name, recorded, local, "work tree"))
     what_differs = "does not exist" if current is None else f"has {_describe_record(current)}"
-    recorded_listing = listings.get(name) if isinstance(listings, Mapping) else None
     if current is not None and record.get("isdir"):
-        changed = _listing_reason(recorded_listing or (dvc.listing(record["md5"]) if dvc else None), dvc_listing(local))
+        recorded_listing = listings.get(name) or (dvc.listing(record["md5"]) if dvc else None)
+        current_listing = dvc_listing(local)
+        changed = _listing_reason(recorded_listing, current_listing)
         if changed:
             what_differs += f" ({changed})"
-            details["work_tree_changes"] = listing_diff(recorded_listing or dvc.listing(record["md5"]) or [], dvc_listing(local) or [])
+            details["work_tree_changes"] = listing_diff(recorded_listing, current_listing)
     if dvc is None:
         return (Check(f"data:{name}", FAIL, f"{record['path']}: recorded {_describe_record(record)}; the work tree "
                       f"{what_differs}, and this is no DVC repository, so no other copy exists.", details),

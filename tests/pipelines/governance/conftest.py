@@ -9,7 +9,6 @@ records a real commit and a clean tree; its MLflow store is a sqlite file inside
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path

@@ -5,7 +5,6 @@ check it concerns, with a reason that says what differs."""
 from __future__ import annotations
 
 import json
-import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
