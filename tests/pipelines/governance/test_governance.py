@@ -1,10 +1,22 @@
-"""`vlalign audit` on a version registered by a real default run: it passes untouched (the retrain reproduces every
-weight hash bit for bit), and each tampering (the data, the code, the commit, the registered weights) fails the
-check it concerns, with a reason that says what differs."""
+"""Governance on a real default run (`test` environment: tiny data, 4-step stages) in a temporary git checkout,
+made once for this module.
+
+`vlalign audit`: it passes on the untouched version (the retrain reproduces every weight hash bit for bit), and
+each tampering (the data, the code, the commit, the registered weights) fails the check it concerns with a reason
+that says what differs. The retrain pipeline: nothing changed -> nothing trained, nothing registered, and it says
+so; a changed configuration -> trained (from the champion), registered, and a failed gate leaves the champion in
+place and says why; the same change again -> not trained twice; the retrained version passes `--retrain`.
+
+The checkout holds the project's pyproject.toml, conf/, src/ and .gitignore, committed, so the lineage records a
+real commit and a clean tree; its MLflow store is a sqlite file inside it. Tests that change something put it back.
+(One module, not a conftest.py: tests/pipelines' modules import helpers with `from conftest import ...`.)
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,19 +24,66 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 from PIL import Image
 
 from vlalign.cli import main as vlalign_main
 from vlalign.tracking.audit import AuditConfig, AuditError, audit, run_audit
+from vlalign.tracking.hashing import dvc_hash
 from vlalign.train import load_checkpoint, save_checkpoint
 from vlalign_pipelines.pipelines.audit.nodes import audit_model_version, enforce_audit
-
-from conftest import git, run_pipeline
+from vlalign_pipelines.runner import PlannedRunner
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[3]
+
+
+def git(project: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-c", "user.email=test@example.com", "-c", "user.name=test", *args], cwd=project,
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def run_pipeline(project: Path, pipeline: str | None = None, params: dict | None = None) -> None:
+    """One `kedro run` in ``project`` (env test), with the runner `kedro run` picks for that pipeline."""
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env="test", runtime_params=params) as session:
+        session.run(pipeline_name=pipeline, runner=PlannedRunner() if pipeline == "retrain" else None)
+
+
+@pytest.fixture(scope="module")
+def governed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The project after one default run: ``{"project", "data", "registered", "uri"}`` (uri = its champion)."""
+    root = tmp_path_factory.mktemp("governance")
+    project = root / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", ".telemetry", ".gitignore"):
+        shutil.copy(REPO / name, project / name)
+    shutil.copytree(REPO / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
+    (project / "conf" / "local").mkdir()
+    (project / "conf" / "local" / ".gitkeep").touch()
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    git(project, "init", "-q")
+    git(project, "add", ".")
+    git(project, "commit", "-q", "-m", "project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        mp.setenv("KEDRO_ENV", "test")
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("VLALIGN_HASH_STATE_DIR", str(root / "hash-state"))
+        mp.delenv("VLALIGN_RECIPE", raising=False)
+        mp.delenv("VLALIGN_RUN_NAME", raising=False)
+        run_pipeline(project)
+        data = project / "data" / "runs" / "test" / "default"
+        registered = json.loads((data / "08_reporting" / "registered_model.json").read_text())
+        yield {"project": project, "data": data, "registered": registered,
+               "uri": f"models:/{registered['name']}@champion", "root": root}
+        mlflow.set_tracking_uri(None)
 
 def statuses(report) -> dict[str, str]:
     return {c.name: c.status for c in report.checks}
@@ -147,3 +206,72 @@ def test_tampered_weights_fail(governed: dict) -> None:
     weights = check(report, "weights").reason
     assert f"lineage outputs.registered = {recorded[:12]}" in weights and "the file's md5 is" in weights
     assert "metrics differ by more than 1e-06: retrieval." in check(report, "metrics").reason
+
+
+# ---------- the retrain pipeline ----------
+
+
+#: A change of configuration (every stage's seed) and a gate no challenger can pass.
+CHANGED = {"training": {"stage_defaults": {"seed": 1}}, "retrain": {"init": "champion"},
+           "registration": {"gate": {"primary": [{"metric": "retrieval.mean_recall", "min_improvement": 1.0}]}}}
+
+
+def versions(name: str) -> list[int]:
+    return sorted(int(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'"))
+
+
+def stage_runs() -> int:
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("vlalign")
+    return sum(1 for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("vlalign.stage"))
+
+
+def aliases(name: str) -> dict[str, int]:
+    return {k: int(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
+
+
+def test_retrain(governed: dict) -> None:
+    project, data, name = governed["project"], governed["data"], governed["registered"]["name"]
+    plan_file, summary_file = data / "08_reporting" / "retrain" / "plan.json", data / "08_reporting" / "retrain" / "summary.json"
+    assert versions(name) == [1]
+    runs_before = stage_runs()
+
+    # 1. Nothing changed since the champion (v1) was trained: nothing is trained or registered, and the plan says so.
+    run_pipeline(project, "retrain")
+    plan = json.loads(plan_file.read_text())
+    assert plan["run"] is False and plan["champion"]["version"] == 1
+    assert plan["reason"].startswith(f"nothing changed since champion v1 of {name} was trained")
+    assert "nothing to train, nothing registered" in plan["reason"]
+    assert plan["inputs"]["clean_manifest"] == governed["registered"]["lineage"]["inputs"]["clean_manifest"]["md5"]
+    assert versions(name) == [1] and stage_runs() == runs_before and not summary_file.exists()
+
+    # 2. The configuration changed: trained from the champion, registered as v2; the gate fails, v1 stays champion.
+    run_pipeline(project, "retrain", params=CHANGED)
+    plan = json.loads(plan_file.read_text())
+    assert plan["run"] is True and "training.stages.stage1.seed: 0 -> 1" in plan["reason"]
+    assert versions(name) == [1, 2] and stage_runs() == runs_before + 2
+    summary = json.loads(summary_file.read_text())
+    assert summary["registered_version"] == 2 and summary["outcome"] == "keep" and summary["champion"] == 1
+    assert "below min_improvement 1" in summary["reason"] or "worse" in summary["reason"]
+    assert aliases(name) == {"champion": 1, "challenger": 2}
+    decision = json.loads((data / "08_reporting" / "gate_decision.json").read_text())
+    assert decision["version"] == 2 and decision["passed"] is False
+    # v2's lineage: the champion checkpoint it started from is an input, stage1's recorded spec starts from it.
+    lineage = json.loads((data / "08_reporting" / "registered_model.json").read_text())["lineage"]
+    init = lineage["inputs"]["init_checkpoint"]
+    assert init["md5"] == governed["registered"]["lineage"]["outputs"]["registered"]["md5"]
+    assert lineage["stages"]["stage1"]["init"] == init["path"] and lineage["stages"]["stage1"]["stage"]["seed"] == 1
+    assert lineage["params"]["retrain"]["started_from"] == f"models:/{name}/1"
+
+    # 3. The same change again: v2 was trained on exactly this and lost, so nothing is trained twice.
+    run_pipeline(project, "retrain", params=CHANGED)
+    plan = json.loads(plan_file.read_text())
+    assert plan["run"] is False and plan["challenger"]["version"] == 2
+    assert "but v2 was already trained on exactly this data and configuration" in plan["reason"]
+    assert versions(name) == [1, 2] and stage_runs() == runs_before + 2
+
+    # 4. The retrained version is reproducible: its stages retrain bit for bit from the recorded inputs.
+    report = audit(AuditConfig(f"models:/{name}/2", repo=str(project), retrain=True, log_to_registry=False))
+    assert report.passed, "\n".join(report.lines())
+    assert {c.name for c in report.checks} >= {"data:init_checkpoint", "retrain:stage1", "retrain:stage2", "retrain:merged"}
+    assert dvc_hash(Path(project) / init["path"])["md5"] == init["md5"]
