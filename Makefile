@@ -27,8 +27,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps open-clip-torch==3.3.0 cn-clip==1.6.0
 	@touch $@
 
+# One `kedro run` (one MLflow parent run), then `dvc commit` of every dvc.yaml stage: dvc.lock records the data
+# and models this run used and produced (the same DVC hashes the registered version's lineage holds), the DVC
+# cache holds them (`dvc push` copies them to the remote), and `dvc status` is up to date right after.
 run: setup
 	$(BIN)/kedro run
+	source $(BIN)/activate && dvc commit --force --quiet && dvc status
 
 test: setup
 	$(BIN)/python -m pytest

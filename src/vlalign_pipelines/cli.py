@@ -3,6 +3,8 @@
 Kedro loads this module's ``cli`` group and its ``run`` replaces the built-in one (``kedro run`` and
 ``python -m vlalign_pipelines`` both use it). It takes the same options, plus ``--verbose``, and:
 
+- runs the ``retrain`` pipeline with :class:`vlalign_pipelines.runner.PlannedRunner` unless ``--runner`` is given
+  (its plan node ends the run early when nothing changed);
 - sets ``KEDRO_ENV`` from ``--env``, ``VLALIGN_RECIPE`` from ``--params training.recipe=...`` and
   ``VLALIGN_RUN_NAME`` from ``--params run_name=...`` (or the recipe) before the session
   is created, so the pipeline registry (which reads the list of training stages) sees the environment;
@@ -41,6 +43,10 @@ log = logging.getLogger(__name__)
 VERBOSE_ENV_VAR = "VLALIGN_VERBOSE"
 #: Environment variable naming the folder of run logs (default: ``data/logs`` in the project).
 LOG_DIR_ENV_VAR = "VLALIGN_LOG_DIR"
+#: Pipelines with a plan node, and the runner ``kedro run`` uses for them without ``--runner``
+#: (:mod:`vlalign_pipelines.runner`); every other pipeline keeps Kedro's SequentialRunner.
+PLANNED_PIPELINES = ("retrain",)
+PLANNED_RUNNER = "vlalign_pipelines.runner.PlannedRunner"
 
 # ---------------------------------------------------------------------------------------------------------
 # Where a failing run was: the node and the dataset being loaded or saved
@@ -397,6 +403,10 @@ def _run(verbose: bool, **kwargs: Any) -> Any:
             outputs = f"{location.run_dir}/ (environment `{location.env}`, run name `{location.run_name}`)"
             POSITION.node = POSITION.dataset = POSITION.action = None
             log.info("Outputs go to %s; the full log is in %s", outputs, run_log.path)
+            # The retrain pipeline's plan node may end the run early; that needs PlannedRunner (a SequentialRunner).
+            requested = {kwargs.get("pipeline"), *(kwargs.get("pipelines") or [])}
+            if not kwargs.get("runner") and requested & set(PLANNED_PIPELINES):
+                kwargs["runner"] = PLANNED_RUNNER
             return kedro_run.callback(**kwargs)
 
         return guarded_run(prepare_and_run, command=command, run_log=run_log, verbose=verbose, outputs=lambda: outputs)

@@ -26,8 +26,8 @@ class RuntimeHooks:
         os.environ.setdefault("MLFLOW_TRACKING_URI", default_store)
         log.info("MLflow tracking URI: %s", os.environ["MLFLOW_TRACKING_URI"])
 
-    @hook_impl
-    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+    @staticmethod
+    def _set_threads() -> None:
         import torch
 
         threads = int(os.environ.get("VLALIGN_NUM_THREADS", os.cpu_count() or 1))
@@ -35,9 +35,35 @@ class RuntimeHooks:
         log.info("torch uses %d CPU threads (set VLALIGN_NUM_THREADS to change)", torch.get_num_threads())
 
     @hook_impl(trylast=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._set_threads()
+        # The code that runs, as the lineage of a registered model records it (not the tree at registration).
+        from vlalign.tracking.lineage import remember_code_state
+
+        remember_code_state(run_params.get("project_path") or ".")
+        # Under `dvc repro` / `dvc exp run`, tag the MLflow run (kedro-mlflow's, started by then: this hook runs
+        # last) with the DVC stage and experiment, so `dvc exp show` rows and MLflow runs can be matched.
+        from vlalign.tracking.lineage import dvc_environment
+
+        found = dvc_environment()
+        if found:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.set_tags({f"dvc.{key}": value for key, value in found.items()})
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        from vlalign.tracking.lineage import forget_code_state
+
+        forget_code_state(run_params.get("project_path") or ".")
+
+    @hook_impl(trylast=True)
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        from vlalign.tracking.lineage import forget_code_state
         from vlalign.tracking.mlflow import close_leftover_runs
 
+        forget_code_state(run_params.get("project_path") or ".")
         ended = close_leftover_runs()
         if ended:
             log.debug("closed %d MLflow run(s) left on the run stack", ended)

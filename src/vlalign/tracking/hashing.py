@@ -79,11 +79,21 @@ def dvc_hash(path: str | Path, state_dir: str | Path | None | bool = True) -> di
     Raises:
         FileNotFoundError: ``path`` does not exist.
     """
+    path = Path(path).resolve()
+    meta, obj = _build(path, state_dir)
+    record = {"md5": obj.hash_info.value, "size": meta.size, "isdir": path.is_dir()}
+    if path.is_dir():
+        record["nfiles"] = meta.nfiles
+    return record
+
+
+def _build(path: Path, state_dir: str | Path | None | bool) -> tuple[Any, Any]:
+    """dvc-data's ``build`` of ``path`` (dry run: nothing is copied): ``(meta, object)``; a folder's object is
+    its ``Tree`` (the ``.dir`` listing)."""
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
     from dvc_objects.fs.local import LocalFileSystem
 
-    path = Path(path).resolve()
     if not path.exists():
         raise FileNotFoundError(f"{path}: cannot hash a path that does not exist.")
     if state_dir is True:
@@ -92,10 +102,28 @@ def dvc_hash(path: str | Path, state_dir: str | Path | None | bool = True) -> di
     fs = LocalFileSystem()
     odb = HashFileDB(fs, str(path.parent / ".vlalign-unused-odb"), state=state, hash_name="md5")
     _, meta, obj = build(odb, str(path), fs, "md5", dry_run=True, ignore=_ignore_filter(path) if path.is_dir() else None)
-    record = {"md5": obj.hash_info.value, "size": meta.size, "isdir": path.is_dir()}
-    if path.is_dir():
-        record["nfiles"] = meta.nfiles
-    return record
+    return meta, obj
+
+
+def dvc_listing(path: str | Path, state_dir: str | Path | None | bool = True) -> list[dict[str, str]] | None:
+    """The file list DVC stores as a folder's ``.dir`` object: ``[{"md5", "relpath"}, ...]`` sorted by path
+    (None for a file). Recorded with the lineage, so an audit can name the files that changed."""
+    path = Path(path).resolve()
+    if not path.is_dir():
+        return None
+    _, obj = _build(path, state_dir)
+    return [{"md5": entry["md5"], "relpath": entry["relpath"]} for entry in obj.as_list()]
+
+
+def listing_diff(recorded: Sequence[Mapping[str, str]], current: Sequence[Mapping[str, str]]) -> dict[str, list[str]]:
+    """``{"changed", "added", "removed"}``: relative paths whose md5 differs, that are new, or that are gone."""
+    old = {e["relpath"]: e["md5"] for e in recorded}
+    new = {e["relpath"]: e["md5"] for e in current}
+    return {
+        "changed": sorted(p for p in old.keys() & new.keys() if old[p] != new[p]),
+        "added": sorted(new.keys() - old.keys()),
+        "removed": sorted(old.keys() - new.keys()),
+    }
 
 
 def dvc_hashes(

@@ -10,25 +10,36 @@ checked by an audit:
   retrain can reproduce although its checkpoint files differ (optimizer state, timestamps);
 - the git commit, with the uncommitted changes as a patch (``git apply``-able) in a separate artifact.
 
-``lineage.json`` fields (format ``vlalign-lineage-v2``):
+``lineage.json`` fields (format ``vlalign-lineage-v3``; v3 added ``root``, ``git.watched``, ``stages``,
+``dvc``, ``evaluation_inputs`` and ``outputs.*.merge.sources``):
 
 ``format``
-    ``"vlalign-lineage-v2"``.
+    ``"vlalign-lineage-v3"``.
 ``created``
     UTC time the lineage was built (ISO 8601).
+``root``
+    the project folder's absolute path when the run wrote the lineage (paths below that are relative are
+    relative to it; an audit elsewhere maps this prefix to its own checkout).
 ``git``
-    ``commit`` (HEAD), ``branch``, ``dirty`` (tracked changes anywhere, untracked files under the watched
-    folders ``conf/`` and ``src/``, or git-ignored files under ``conf/`` such as ``conf/local/*.yml``),
-    ``tracked_changes`` / ``untracked`` / ``ignored_config`` (paths; ignored config files with their md5,
-    never their contents, since they may hold credentials; ``credentials*`` files are left out), and
-    ``diff_sha256`` (sha256 of the patch artifact). All ``None`` outside a git work tree.
+    ``commit`` (HEAD), ``branch``, ``dirty`` (tracked changes anywhere except DVC's own records ``dvc.lock``
+    and ``*.dvc``, untracked files under the watched folders ``conf/`` and ``src/``, or git-ignored files under
+    ``conf/`` such as ``conf/local/*.yml``), ``tracked_changes`` / ``untracked`` / ``ignored_config`` (paths;
+    ignored config files with their md5, never their contents, since they may hold credentials;
+    ``credentials*`` files are left out), ``watched`` (those folders) and ``diff_sha256`` (sha256 of the patch
+    artifact). All ``None`` outside a git work tree. It is the state when the run started (the hooks take a
+    snapshot, :func:`remember_code_state`); ``changed_during_run`` says whether the tree changed before the
+    model was registered (None: no snapshot was taken, the state is the one at registration).
 ``inputs``
     name -> ``{"path", "md5", "size", "isdir", "nfiles"?}``: every input file or folder the run used (raw
     data, the clean manifest, shards, pretrained weight and vocabulary files), hashed as DVC does.
 ``outputs``
     name -> the same record plus ``weights_sha256``, ``stage``, ``step`` and the checkpoint's own
-    ``inputs`` fingerprints, for each stage's ``final.pt`` and the merged model; ``registered`` is the
-    checkpoint file stored with the model version (its md5 and ``weights_sha256``).
+    ``inputs`` fingerprints, for each stage's ``final.pt`` and the merged model (with ``merge``: ``beta`` and
+    ``sources``, the two stages); ``registered`` is the checkpoint file stored with the model version (its md5
+    and ``weights_sha256``).
+``stages``
+    stage name -> the exact :class:`vlalign.train.spec.TrainSpec` the stage ran (its ``spec.json``, without the
+    MLflow context), in run order: what ``vlalign audit --retrain`` runs again.
 ``training_data``
     ``manifest_sha256`` (row-content fingerprint of the clean manifest), ``rows``, ``images``, ``splits``, and
     ``images_outside_inputs``: how many of its images lie under no input folder (0 when the raw images are
@@ -43,7 +54,15 @@ checked by an audit:
     installed versions of the packages that shape a model; CPU model, cores, RAM, GPUs, torch, CUDA, cuDNN,
     Python and platform.
 ``dvc_lock``
-    ``{"sha256", "outs"}`` of ``dvc.lock`` when the project has one (``{}`` otherwise).
+    ``{"sha256", "outs"}`` of ``dvc.lock`` as it was when the lineage was written (``{}`` without one); the
+    default ``make run`` commits its own stages to ``dvc.lock`` right after the run.
+``dvc``
+    where DVC keeps each input and output (:func:`dvc_state`): ``remote`` (default remote name and URL),
+    ``outs`` (name -> the ``dvc.yaml`` stage and output that hold it, and the hash ``dvc.lock`` records for that
+    output now), ``experiment`` (``DVC_EXP_NAME`` etc. under ``dvc exp run``); ``{}`` outside a DVC repository.
+``evaluation_inputs``
+    ``{"sha256", "verified"}`` of the ``evaluation_inputs.json`` artifact (what evaluation scored, so an audit
+    can score it again); ``verified`` says its content hash equals ``evaluation_data.sha256``.
 ``metrics`` / ``mlflow_run_id``
     the evaluation metrics and the run the model was logged from.
 """
@@ -68,11 +87,15 @@ from vlalign.tracking.hashing import dvc_hash, dvc_hashes, weights_sha256
 
 log = logging.getLogger(__name__)
 
-LINEAGE_FORMAT = "vlalign-lineage-v2"
+LINEAGE_FORMAT = "vlalign-lineage-v3"
 TRACKED_PACKAGES = ("torch", "torchvision", "timm", "transformers", "numpy", "pillow", "kedro", "mlflow", "dvc",
                     "dvc-data", "great-expectations", "vlalign")
 #: Folders whose untracked files make a work tree dirty (data/, mlruns/ etc. are untracked by design).
 WATCHED_FOLDERS = ("conf", "src")
+#: Tracked files that record data versions, not code: their changes do not make a tree dirty (``make run`` ends
+#: with ``dvc commit``, which rewrites dvc.lock).
+DATA_RECORDS = ("dvc.lock",)
+DATA_RECORD_SUFFIXES = (".dvc",)
 #: Untracked files larger than this go into the patch by name and md5 only.
 MAX_PATCH_FILE_BYTES = 1 << 20
 
@@ -121,17 +144,12 @@ def git_state(repo: str | Path = ".", watched: Sequence[str] = WATCHED_FOLDERS) 
     commit = _git(repo, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "branch": None, "dirty": None, "tracked_changes": None, "untracked": None,
-                "ignored_config": None}
+                "ignored_config": None, "watched": list(watched)}
     watched = [w for w in watched if (Path(repo) / w).exists()]
     tracked = [line[3:] for line in _lines(_git(repo, "status", "--porcelain=v1", "--untracked-files=no"))]
+    tracked = [p for p in tracked if not is_data_record(p)]
     untracked = _lines(_git(repo, "ls-files", "--others", "--exclude-standard", "--", *watched)) if watched else []
-    ignored = []
-    if (Path(repo) / "conf").exists():
-        for path in _lines(_git(repo, "ls-files", "--others", "--ignored", "--exclude-standard", "--", "conf")):
-            name = Path(path).name
-            if name == ".gitkeep" or name.startswith("credentials") or "__pycache__" in Path(path).parts:
-                continue
-            ignored.append({"path": path, "md5": dvc_hash(Path(repo) / path, state_dir=None)["md5"]})
+    ignored = ignored_config(repo)
     return {
         "commit": commit.strip(),
         "branch": (_git(repo, "rev-parse", "--abbrev-ref", "HEAD") or "").strip() or None,
@@ -139,16 +157,39 @@ def git_state(repo: str | Path = ".", watched: Sequence[str] = WATCHED_FOLDERS) 
         "tracked_changes": tracked,
         "untracked": untracked,
         "ignored_config": ignored,
+        "watched": list(watched),
     }
 
 
-def git_patch(repo: str | Path = ".", untracked: Sequence[str] = ()) -> str:
-    """The work tree's changes against HEAD as one patch: ``git apply`` on a checkout of the commit restores them.
+def is_data_record(path: str) -> bool:
+    """True for DVC's records of data versions (``dvc.lock``, ``*.dvc``), which are not code."""
+    name = path.strip().strip('"').rsplit("/", 1)[-1]
+    return name in DATA_RECORDS or name.endswith(DATA_RECORD_SUFFIXES)
 
-    Tracked changes (staged and unstaged) come from ``git diff --binary HEAD``; each untracked file in
-    ``untracked`` is added as a new-file patch (files over 1 MiB by name and md5 only, in a comment line).
+
+def ignored_config(repo: str | Path = ".") -> list[dict[str, str]]:
+    """Git-ignored files under ``conf/`` (e.g. ``conf/local/parameters.yml``) with their md5, never their contents
+    (``credentials*``, ``.gitkeep`` and ``__pycache__`` are left out)."""
+    ignored = []
+    if (Path(repo) / "conf").exists():
+        for path in _lines(_git(repo, "ls-files", "--others", "--ignored", "--exclude-standard", "--", "conf")):
+            name = Path(path).name
+            if name == ".gitkeep" or name.startswith("credentials") or "__pycache__" in Path(path).parts:
+                continue
+            ignored.append({"path": path, "md5": dvc_hash(Path(repo) / path, state_dir=None)["md5"]})
+    return ignored
+
+
+def git_patch(repo: str | Path = ".", untracked: Sequence[str] = (), base: str = "HEAD") -> str:
+    """The work tree's changes against ``base`` as one patch: ``git apply`` on a checkout of it restores them.
+
+    Tracked changes (staged and unstaged) come from ``git diff --binary <base>`` (DVC's records ``dvc.lock`` /
+    ``*.dvc`` left out); each untracked file in ``untracked`` is added as a new-file patch (files over 1 MiB by
+    name and md5 only, in a comment line).
     """
-    parts = [_git(repo, "diff", "--binary", "HEAD") or ""]
+    tracked = _git(repo, "diff", "--binary", base, "--", ".", *(f":(exclude,glob)**/{name}" for name in DATA_RECORDS),
+                   *(f":(exclude,glob)**/*{suffix}" for suffix in DATA_RECORD_SUFFIXES))
+    parts = [tracked or ""]
     for path in untracked:
         full = Path(repo) / path
         if not full.is_file():
@@ -158,6 +199,38 @@ def git_patch(repo: str | Path = ".", untracked: Sequence[str] = ()) -> str:
             continue
         parts.append(_git(repo, "diff", "--no-index", "--binary", "--", "/dev/null", path, ok_codes=(0, 1)) or "")
     return "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)
+
+
+#: Code state taken when a run started (:func:`remember_code_state`), by absolute repository path.
+_CODE_AT_START: dict[str, tuple[dict[str, Any], str]] = {}
+
+
+def remember_code_state(repo: str | Path = ".", watched: Sequence[str] = WATCHED_FOLDERS) -> None:
+    """Take the git state and patch now (when a run starts): :func:`build_lineage` records this snapshot, the code
+    that ran, rather than the tree as it is when the model is registered, minutes or hours later."""
+    state = git_state(repo, watched)
+    patch = git_patch(repo, state["untracked"] or ()) if state["commit"] and state["dirty"] else ""
+    _CODE_AT_START[str(Path(repo).resolve())] = (state, patch)
+
+
+def forget_code_state(repo: str | Path = ".") -> None:
+    """Drop the snapshot of :func:`remember_code_state` (when the run ends)."""
+    _CODE_AT_START.pop(str(Path(repo).resolve()), None)
+
+
+def code_state(repo: str | Path = ".", watched: Sequence[str] = WATCHED_FOLDERS) -> tuple[dict[str, Any], str]:
+    """``(git state, patch)`` of the code that ran: the snapshot taken when the run started when there is one (for
+    the same watched folders), else the tree now. ``changed_during_run`` says whether the tree changed since."""
+    state = git_state(repo, watched)
+    patch = git_patch(repo, state["untracked"] or ()) if state["commit"] and state["dirty"] else ""
+    started = _CODE_AT_START.get(str(Path(repo).resolve()))
+    if started is None or started[0].get("watched") != state.get("watched"):
+        return {**state, "changed_during_run": None}, patch
+    changed = (started[0]["commit"], started[1]) != (state["commit"], patch)
+    if changed:
+        log.warning("the code in %s changed while the run ran (commit or uncommitted changes): the lineage records the "
+                    "code as it was when the run started.", repo)
+    return {**started[0], "changed_during_run": changed}, started[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,6 +329,76 @@ def dvc_lock_state(repo: str | Path = ".") -> dict[str, Any]:
     return {"sha256": sha256_file(lock), "outs": outs}
 
 
+#: Environment variables DVC sets for a stage's command (``dvc repro`` / ``dvc exp run``), as lineage keys.
+DVC_ENVIRONMENT = {"DVC_EXP_NAME": "exp_name", "DVC_EXP_BASELINE_REV": "exp_baseline_rev", "DVC_STAGE": "stage"}
+
+
+def dvc_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The DVC experiment / stage this process runs under (``{}`` outside ``dvc repro`` / ``dvc exp run``)."""
+    environ = os.environ if environ is None else environ
+    return {key: environ[var] for var, key in DVC_ENVIRONMENT.items() if environ.get(var)}
+
+
+def _dvc_yaml_outs(root: Path) -> dict[str, dict[str, Any]]:
+    """``dvc.yaml`` stage outputs (outs, metrics, plots): path -> ``{"stage", "cache"}``."""
+    import yaml
+
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return {}
+    stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    outs: dict[str, dict[str, Any]] = {}
+    for stage, body in stages.items():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in (body or {}).get(kind) or []:
+                path, opts = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+                outs[str(path).rstrip("/")] = {"stage": stage, "cache": bool((opts or {}).get("cache", kind == "outs"))}
+    return outs
+
+
+def dvc_remote(root: str | Path) -> dict[str, Any]:
+    """``{"name", "url"}`` of the DVC repository's default remote (``url`` as DVC resolves it), or ``{}``."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            name = repo.config["core"].get("remote")
+            if not name:
+                return {}
+            url = (repo.config["remote"].get(name) or {}).get("url")
+            return {"name": name, "url": url}
+    except Exception as exc:  # a broken .dvc/config must not stop a registration; the audit reports it
+        log.warning("could not read the DVC remote of %s: %s", root, exc)
+        return {}
+
+
+def dvc_state(paths: Mapping[str, str | Path], repo: str | Path = ".") -> dict[str, Any]:
+    """Where DVC keeps each named path: the ``dvc.yaml`` stage output that holds it (the path itself or a folder
+    above it) and the hash ``dvc.lock`` records for that output right now, the default remote, and the DVC
+    experiment this process runs in. ``{}`` when ``repo`` is not a DVC repository.
+
+    The hashes of the paths themselves are the lineage's own ``inputs``/``outputs`` records, computed as DVC
+    does; ``make run`` ends with ``dvc commit``, so ``dvc.lock`` and the DVC cache then hold the same hashes.
+    """
+    root = Path(repo).resolve()
+    if not (root / ".dvc").is_dir():
+        return {}
+    outs = _dvc_yaml_outs(root)
+    lock = dvc_lock_state(root).get("outs", {})
+    held: dict[str, Any] = {}
+    for name, path in paths.items():
+        full = Path(path) if Path(path).is_absolute() else root / path
+        try:
+            rel = full.resolve().relative_to(root).as_posix()
+        except ValueError:
+            held[name] = None  # outside the repository (e.g. a package's pretrained weights)
+            continue
+        owner = next((out for out in sorted(outs, key=len, reverse=True) if rel == out or rel.startswith(out + "/")), None)
+        held[name] = None if owner is None else {"stage": outs[owner]["stage"], "out": owner,
+                                                   "cache": outs[owner]["cache"], "lock_md5": lock.get(owner)}
+    return {"root": str(root), "remote": dvc_remote(root), "outs": held, "experiment": dvc_environment()}
+
+
 # ------------------------------------------------------------------------------------------------
 # checkpoints and model files
 # ------------------------------------------------------------------------------------------------
@@ -272,6 +415,8 @@ def checkpoint_record(path: str | Path, state_dir: Any = True) -> dict[str, Any]
     record.update({"stage": stage, "step": ckpt.get("step"), "inputs": ckpt.get("inputs")})
     if ckpt.get("merge"):
         record["merge"] = {k: v for k, v in ckpt["merge"].items() if isinstance(v, (str, int, float, type(None)))}
+        if isinstance(ckpt["merge"].get("sources"), (list, tuple)):
+            record["merge"]["sources"] = [str(s) for s in ckpt["merge"]["sources"]]
     return record
 
 
@@ -330,6 +475,8 @@ def build_lineage(
     watched: Sequence[str] = WATCHED_FOLDERS,
     state_dir: Any = True,
     inputs_where: str = "registration.lineage.inputs",
+    stage_specs: Mapping[str, Mapping[str, Any]] | None = None,
+    evaluation_inputs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Everything needed to audit and reproduce a model, and the work tree's patch against its commit.
 
@@ -348,6 +495,8 @@ def build_lineage(
         watched: folders of ``repo`` whose untracked files make the tree dirty.
         state_dir: hash cache folder (see :func:`vlalign.tracking.hashing.dvc_hash`).
         inputs_where: where ``inputs`` is configured, for error messages.
+        stage_specs: stage name -> the TrainSpec dict it ran (``<stage folder>/spec.json``), in run order.
+        evaluation_inputs: ``{"sha256", "verified"}`` of the evaluation-inputs artifact, when there is one.
 
     Returns:
         ``(lineage, patch)``: the plain dict documented in this module, and the patch text (empty when
@@ -356,8 +505,7 @@ def build_lineage(
     Raises:
         ConfigError: an input or output path does not exist.
     """
-    git = git_state(repo, watched)
-    patch = git_patch(repo, git["untracked"] or ()) if git["commit"] and git["dirty"] else ""
+    git, patch = code_state(repo, watched)
     git["diff_sha256"] = hashlib.sha256(patch.encode()).hexdigest() if patch else None
     all_inputs = dict(inputs)
     all_inputs.update(model_files(model_config or {}))
@@ -380,6 +528,7 @@ def build_lineage(
     lineage = {
         "format": LINEAGE_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "root": str(Path(repo).resolve()),
         "git": git,
         "inputs": input_records,
         "outputs": outputs_record,
@@ -397,6 +546,11 @@ def build_lineage(
         "packages": package_versions(),
         "hardware": hardware(),
         "dvc_lock": dvc_lock_state(repo),
+        "dvc": dvc_state({**{n: r["path"] for n, r in input_records.items()},
+                          **{n: r["path"] for n, r in outputs_record.items() if "path" in r}}, repo),
+        "stages": {name: _jsonable({k: v for k, v in spec.items() if k != "mlflow"})
+                   for name, spec in (stage_specs or {}).items()},
+        "evaluation_inputs": _jsonable(evaluation_inputs) if evaluation_inputs else None,
         "metrics": _jsonable({k: v for k, v in metrics.items() if k != "evaluation_data"}),
         "mlflow_run_id": run_id,
     }
@@ -421,4 +575,7 @@ def lineage_tags(lineage: Mapping[str, Any]) -> dict[str, str]:
             tags[f"input.{name}.md5"] = record["md5"]
     if lineage.get("dvc_lock"):
         tags["dvc_lock_sha256"] = lineage["dvc_lock"]["sha256"]
+    experiment = (lineage.get("dvc") or {}).get("experiment") or {}
+    if experiment.get("exp_name"):
+        tags["dvc.exp_name"] = experiment["exp_name"]
     return tags

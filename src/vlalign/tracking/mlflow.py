@@ -306,6 +306,8 @@ def register_checkpoint(
     repo: str | Path = ".",
     watched: tuple[str, ...] = ("conf", "src"),
     state_dir: Any = True,
+    stage_specs: Mapping[str, Mapping[str, Any]] | None = None,
+    evaluation_inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Register an in-memory checkpoint as a new model version with its lineage.
 
@@ -324,6 +326,12 @@ def register_checkpoint(
             digest of the logged training dataset).
         outputs: name -> checkpoint file written by the run (stage ``final.pt`` files, the merged model).
         repo, watched, state_dir: see :func:`vlalign.tracking.lineage.build_lineage`.
+        stage_specs: stage name -> the TrainSpec dict the stage ran (recorded for ``vlalign audit --retrain``).
+        evaluation_inputs: what evaluation scored (:func:`vlalign.tracking.audit.build_evaluation_inputs`), stored
+            as ``evaluation_inputs.json`` so an audit can score it again; its content hash is checked against
+            ``metrics["evaluation_data"]`` here (a mismatch is recorded and logged, not fatal).
+
+    The ``.dir`` listings of folder inputs are stored as ``input_listings.json`` (an audit names changed files).
 
     Returns:
         ``{"name", "version", "model_uri", "run_id", "embedding_dim", "lineage"}``.
@@ -332,17 +340,36 @@ def register_checkpoint(
     from vlalign.tracking.registry import evaluation_tags, registered_model_name as derive_name
     from vlalign.train import save_checkpoint
 
+    from vlalign.tracking.audit import evaluation_inputs_identity, sha256_json
+    from vlalign.tracking.hashing import dvc_listing
+
     model_config = checkpoint["model_config"]
     name = derive_name(registered_model_name, name_template, str(model_config.get("name")), metrics)
     with tempfile.TemporaryDirectory(prefix="vlalign-register-") as tmp:
         path = save_checkpoint(checkpoint, Path(tmp) / "model.pt")
+        artifacts: dict[str, Path] = {}
+        evaluation_record = None
+        if evaluation_inputs is not None:
+            expected = (metrics.get("evaluation_data") or {}).get("sha256")
+            actual = evaluation_inputs_identity(evaluation_inputs, manifest, state_dir)["sha256"]
+            if actual != expected:
+                log.warning("the recorded evaluation inputs hash to %s, the evaluation recorded %s: an audit of this "
+                            "version will not be able to score the same data again.", actual, expected)
+            evaluation_record = {"sha256": sha256_json(evaluation_inputs), "verified": actual == expected}
+            artifacts["evaluation_inputs"] = Path(tmp) / "evaluation_inputs.json"
+            artifacts["evaluation_inputs"].write_text(json.dumps(evaluation_inputs))
         lineage, patch = build_lineage(
             manifest=manifest, inputs=inputs or {}, outputs=outputs or {}, registered_checkpoint=path,
             params=params if params is not None else {"merge": checkpoint.get("merge"), "model": model_config},
             metrics=metrics, validation_report=validation_report, model_config=model_config,
             run_id=active_run_id(), repo=repo, watched=watched, state_dir=state_dir,
+            stage_specs=stage_specs, evaluation_inputs=evaluation_record,
         )
-        artifacts = {"lineage": Path(tmp) / "lineage.json"}
+        listings = {n: dvc_listing(r["path"], state_dir) for n, r in lineage["inputs"].items() if r.get("isdir")}
+        if listings:
+            artifacts["input_listings"] = Path(tmp) / "input_listings.json"
+            artifacts["input_listings"].write_text(json.dumps(listings))
+        artifacts["lineage"] = Path(tmp) / "lineage.json"
         artifacts["lineage"].write_text(json.dumps(lineage, indent=2, default=str))
         if patch:
             artifacts["git_diff"] = Path(tmp) / "git_diff.patch"

@@ -28,6 +28,7 @@ from vlalign.tracking.hashing import dvc_hash, weights_sha256
 from vlalign.train import StageConfig, load_checkpoint, save_checkpoint
 from vlalign.train.checkpoint import FORMAT
 from vlalign_pipelines.pipelines.registration.nodes import RUN_PARAMETERS, lineage_outputs
+from vlalign_pipelines.datasets import ZeroShotSetDataset
 from vlalign_pipelines.pipelines.registration.pipeline import create_pipeline
 
 REPO = Path(__file__).resolve().parents[3]
@@ -116,11 +117,16 @@ def metrics(manifest: pd.DataFrame, recall: float, acc1: float, data: str = "e" 
 def run_registration(params: dict[str, Any], scores: dict[str, Any]) -> DataCatalog:
     """One registration in its own MLflow run (as kedro-mlflow opens one per `kedro run`)."""
     manifest = pd.read_parquet("data/03_primary/clean_manifest.parquet")
+    zero_shot = ZeroShotSetDataset(root="data/01_raw/demo/imagenet_demo", classnames={"en": "classnames_en.txt"},
+                                   templates={"en": "templates_en.txt"}).load()
     catalog = DataCatalog({
         "merged_checkpoint": KeptMemoryDataset(load_checkpoint("data/06_models/merged/merged.pt")),
         "clean_manifest": KeptMemoryDataset(manifest),
         "metrics": KeptMemoryDataset(scores),
         "validation_report": KeptMemoryDataset({"n_rows": len(manifest), "n_clean": len(manifest), "rejected_fraction": 0.0}),
+        "zero_shot_set": KeptMemoryDataset(zero_shot),
+        "zero_shot_quarantine": KeptMemoryDataset(pd.DataFrame({"image_path": [zero_shot["images"]["image_path"].iloc[0]]})),
+        "probe_source": KeptMemoryDataset({}),
         **{f"params:{name}": KeptMemoryDataset(params[name]) for name in RUN_PARAMETERS},
         "registered_model": KeptMemoryDataset(),
         "gate_decision": KeptMemoryDataset(),
@@ -132,8 +138,8 @@ def run_registration(params: dict[str, Any], scores: dict[str, Any]) -> DataCata
 
 def test_pipeline_wiring() -> None:
     pipe = create_pipeline()
-    assert pipe.inputs() == {"merged_checkpoint", "clean_manifest", "metrics", "validation_report",
-                             *(f"params:{name}" for name in RUN_PARAMETERS)}
+    assert pipe.inputs() == {"merged_checkpoint", "clean_manifest", "metrics", "validation_report", "zero_shot_set",
+                             "zero_shot_quarantine", "probe_source", *(f"params:{name}" for name in RUN_PARAMETERS)}
     assert pipe.outputs() == {"gate_decision"}
     assert [n.name for n in pipe.nodes] == ["register_merged_model", "gate_registered_model"]
 
@@ -178,6 +184,18 @@ def test_register_then_gate(workdir: Path) -> None:
     flavor = mlflow.models.Model.load(f"models:/{NAME}/1").flavors["python_function"]
     stored = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1/{flavor['artifacts']['lineage']['path']}")
     assert json.loads(Path(stored).read_text())["outputs"] == lineage["outputs"]
+    # What evaluation scored, for `vlalign audit`: the zero-shot images less the quarantined one. This test's
+    # metrics carry made-up hashes, so the recorded inputs are marked unverified.
+    stored = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1/{flavor['artifacts']['evaluation_inputs']['path']}")
+    evaluated = json.loads(Path(stored).read_text())
+    assert evaluated["retrieval"] == {"retrieval": {"language": "en", "split": "test", "dataset": "demo-flickr"}}
+    assert evaluated["zero_shot"]["language"] == "en"
+    assert len(evaluated["zero_shot"]["images"]) == len(ZeroShotSetDataset(
+        root="data/01_raw/demo/imagenet_demo", classnames={"en": "classnames_en.txt"},
+        templates={"en": "templates_en.txt"}).load()["images"]) - 1
+    assert lineage["evaluation_inputs"]["verified"] is False
+    listings = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1/{flavor['artifacts']['input_listings']['path']}")
+    assert {e["relpath"] for e in json.loads(Path(listings).read_text())["raw_data"]} >= {"flickr_demo/dataset_demo.json"}
 
     # The run: the clean manifest and the evaluated split as dataset inputs, the decision as an artifact.
     run = client.get_run(version.run_id)

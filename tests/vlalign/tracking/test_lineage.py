@@ -20,7 +20,11 @@ from vlalign.tracking.lineage import (
     git_patch,
     git_state,
     hardware,
+    dvc_environment,
+    dvc_state,
+    forget_code_state,
     lineage_tags,
+    remember_code_state,
 )
 
 
@@ -151,9 +155,14 @@ def test_build_lineage_records_what_an_audit_checks(repo: Path, hash_state: Path
         manifest=manifest, inputs={"raw_data": "data/raw", "clean_manifest": "data/clean.parquet"},
         outputs={"stage1": "data/stage1.pt", "merged": "data/merged.pt"}, registered_checkpoint=registered,
         params=params, metrics=metrics, validation_report={"n_rows": 2, "n_clean": 2, "other": 1}, run_id="r1",
-        repo=repo,
+        repo=repo, stage_specs={"stage1": {"data": "data/shards", "init": None, "mlflow": {"parent_run_id": "x"}}},
+        evaluation_inputs={"sha256": "f" * 64, "verified": True},
     )
-    assert lineage["format"] == LINEAGE_FORMAT
+    assert lineage["format"] == LINEAGE_FORMAT == "vlalign-lineage-v3"
+    # v3: the project root, the stage specs without the MLflow context, no DVC repository here.
+    assert lineage["root"] == str(repo.resolve()) and lineage["git"]["watched"] == ["conf", "src"]
+    assert lineage["stages"] == {"stage1": {"data": "data/shards", "init": None}}
+    assert lineage["evaluation_inputs"] == {"sha256": "f" * 64, "verified": True} and lineage["dvc"] == {}
     assert json.loads(json.dumps(lineage)) == lineage  # plain JSON
     assert lineage["git"]["dirty"] is True and "conf/myenv/parameters.yml" in patch
     assert lineage["git"]["diff_sha256"] is not None
@@ -181,3 +190,50 @@ def test_build_lineage_records_what_an_audit_checks(repo: Path, hash_state: Path
     with pytest.raises(ConfigError, match="lineage output 'stage2'"):
         build_lineage(manifest=manifest, inputs={}, outputs={"stage2": "data/none.pt"}, registered_checkpoint=registered,
                       params={}, metrics={}, repo=repo)
+
+
+def test_dvc_records_are_not_code_and_dvc_state_names_the_outputs(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dvc.lock / *.dvc changes do not make the tree dirty; dvc_state maps each path to the dvc.yaml output holding
+    it, the hash dvc.lock records for it, the default remote, and the DVC experiment of this process."""
+    (repo / ".dvc").mkdir()
+    (repo / ".dvc" / "config").write_text("[core]\n    remote = store\n['remote \"store\"']\n    url = ../.dvc-storage\n")
+    (repo / "dvc.yaml").write_text("stages:\n  train:\n    cmd: x\n    outs:\n      - data/models\n"
+                                   "    metrics:\n      - data/metrics.json:\n          cache: false\n")
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: x\n    outs:\n"
+                                   "    - path: data/models\n      md5: abc.dir\n")
+    git(repo, "add", "dvc.lock", ".dvc/config", "dvc.yaml")
+    git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "dvc")
+    (repo / "dvc.lock").write_text((repo / "dvc.lock").read_text().replace("abc.dir", "def.dir"))
+    (repo / "data" / "x.dvc").write_text("outs: []\n")
+    git(repo, "add", "-f", "data/x.dvc")
+    state = git_state(repo)
+    assert state["dirty"] is False and state["tracked_changes"] == [] and git_patch(repo) == ""
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-lark")
+    found = dvc_state({"stage1": "data/models/stage1/final.pt", "metrics": "data/metrics.json",
+                       "raw": "data/raw", "weights": "/usr/lib/x.pt"}, repo)
+    assert found["outs"] == {
+        "stage1": {"stage": "train", "out": "data/models", "cache": True, "lock_md5": "def.dir"},
+        "metrics": {"stage": "train", "out": "data/metrics.json", "cache": False, "lock_md5": None},
+        "raw": None, "weights": None}
+    assert found["remote"] == {"name": "store", "url": str(repo.resolve() / ".dvc-storage")}
+    assert found["experiment"] == {"exp_name": "brisk-lark"}
+    assert dvc_environment({"DVC_STAGE": "train", "DVC_EXP_BASELINE_REV": "abc"}) == {"stage": "train", "exp_baseline_rev": "abc"}
+
+
+def test_lineage_records_the_code_as_it_was_when_the_run_started(repo: Path, hash_state: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    registered = checkpoint(repo / "data" / "registered.pt", 1.0, "stage1")
+    manifest = pd.DataFrame({"image_id": ["0"], "image_path": [str(repo / "data" / "0.png")], "caption": ["a"],
+                             "split": ["train"]})
+    monkeypatch.chdir(repo)
+    remember_code_state(repo)  # the hooks do this when a run starts
+    try:
+        (repo / "src" / "pkg" / "a.py").write_text("X = 2\n")  # edited while the run trains
+        lineage, patch = build_lineage(manifest=manifest, inputs={}, outputs={}, registered_checkpoint=registered,
+                                       params={}, metrics={}, repo=repo)
+        assert lineage["git"]["dirty"] is False and patch == "" and lineage["git"]["changed_during_run"] is True
+    finally:
+        forget_code_state(repo)
+    lineage, patch = build_lineage(manifest=manifest, inputs={}, outputs={}, registered_checkpoint=registered,
+                                   params={}, metrics={}, repo=repo)
+    assert lineage["git"]["dirty"] is True and "X = 2" in patch and lineage["git"]["changed_during_run"] is None

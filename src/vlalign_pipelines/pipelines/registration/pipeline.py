@@ -5,6 +5,10 @@ from kedro.pipeline import Pipeline, node, pipeline
 
 from .nodes import RUN_PARAMETERS, gate_registered_model, register_merged_model
 
+#: What evaluation scored besides the clean manifest, recorded for `vlalign audit` (node argument -> dataset).
+EVALUATED_INPUTS = {"zero_shot_set": "zero_shot_set", "zero_shot_quarantine": "zero_shot_quarantine",
+                    "probe_source": "probe_source"}
+
 
 def create_pipeline(**kwargs) -> Pipeline:
     return pipeline(
@@ -12,7 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 register_merged_model,
                 inputs={"checkpoint": "merged_checkpoint", "manifest": "clean_manifest", "metrics": "metrics",
-                        "validation_report": "validation_report",
+                        "validation_report": "validation_report", **EVALUATED_INPUTS,
                         **{name: f"params:{name}" for name in RUN_PARAMETERS}},
                 outputs="registered_model",
                 name="register_merged_model",
