@@ -374,16 +374,18 @@ class FusionModel(nn.Module):
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, banned_ids: list[int],
                  max_length: int = 20, min_length: int = 3, top_p: float = 0.9, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Captions for (B, 3, H, W) images by nucleus sampling (BLIP's CapFilt captioner): (B, <=max_length) ids,
         starting with ``bos_id``, ``pad_id`` after ``eos_id``. The image's cross-attention K/V are computed once.
 
         ``banned_ids`` (e.g. [PAD], [CLS], [MASK], [UNK]) are never sampled; ``eos_id`` not before ``min_length`` tokens.
+        ``image_tokens`` (B, T, C), when the caller has them already, replace running the image tower on ``pixels``.
         """
         if self.decoder is None:
             raise ConfigError("this fusion model has no caption decoder (arch_options.decoder_layers: 0); it cannot caption.")
         max_length = min(max_length, self.decoder.max_length)
-        image_tokens = self.image_outputs(pixels)[0]  # (B, T, C)
+        if image_tokens is None:
+            image_tokens = self.image_outputs(pixels)[0]  # (B, T, C)
         kv = self.decoder.image_kv(image_tokens)  # per image, reused at every step
         b = pixels.shape[0]
         ids = torch.full((b, 1), bos_id, dtype=torch.long, device=pixels.device)  # (B, 1)

@@ -18,6 +18,7 @@ from vlalign_pipelines.settings import CONFIG_LOADER_ARGS, DEFAULT_ENV, RunConfi
 from vlalign_pipelines.recipes import StagePlan, project_plan
 
 from .nodes import train_one_stage, training_rows
+from ..capfilt.pipeline import for_plan as capfilt_for_plan
 
 
 def stage_names(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
@@ -44,9 +45,12 @@ def create_pipeline(**kwargs) -> Pipeline:
     if kwargs.get("stages"):
         names = list(kwargs["stages"])
         stages = [StagePlan(n, init=names[k - 1] if k else None) for k, n in enumerate(names)]
+        capfilt = Pipeline([])
     else:
-        stages = project_plan().stages
+        recipe = project_plan()
+        stages = recipe.stages
+        capfilt = capfilt_for_plan(recipe)  # e.g. blip: caption + filter after a stage; a later stage trains on it
     result = Pipeline([node(training_rows, inputs="clean_manifest", outputs="train_shards", name="write_training_shards")])
     for stage in stages:
         result += stage_pipeline(stage)
-    return result
+    return result + capfilt

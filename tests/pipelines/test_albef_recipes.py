@@ -1,0 +1,75 @@
+"""The `albef` and `blip` recipes run end to end (validation -> training stages [-> CapFilt] -> merge -> evaluation
+-> registration) on the built-in dataset at tiny size (environment `test`), one KedroSession each."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+
+from vlalign.train import load_checkpoint
+
+from conftest import run_dir
+
+
+def run_recipe(project: Path, monkeypatch: pytest.MonkeyPatch, recipe: str) -> Path:
+    monkeypatch.setenv("VLALIGN_RECIPE", recipe)  # what `kedro run --params training.recipe=<recipe>` sets
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env="test", runtime_params={"training": {"recipe": recipe}}) as session:
+        session.run()
+    return run_dir(project, "test", recipe)
+
+
+def _rerank_block(data: Path) -> dict:
+    metrics = json.loads((data / "08_reporting" / "metrics.json").read_text())
+    block = metrics["itm_rerank"]
+    assert block["k_test"] == 128 and set(block["metrics"]) == set(block["itc_metrics"]) == set(metrics["retrieval"]["metrics"])
+    assert block["itc_metrics"] == pytest.approx(metrics["retrieval"]["metrics"])  # ITC-only = the retrieval block
+    assert "itm_rerank" not in metrics["evaluation_data"]["blocks"]  # same evaluation data as a dual encoder's
+    report = (data / "08_reporting" / "report" / "report.md").read_text(encoding="utf-8")
+    assert "retrieval with ITM re-ranking" in report and "(ITC only)" in report
+    return block
+
+
+@pytest.mark.slow
+def test_albef_recipe_end_to_end(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = run_recipe(project, monkeypatch, "albef")
+    assert data == project / "data" / "runs" / "test" / "albef"
+    stage1 = load_checkpoint(data / "06_models" / "stage1" / "final.pt")
+    stage2 = load_checkpoint(data / "06_models" / "stage2" / "final.pt")
+    assert stage2["model_config"]["arch"] == "fusion" and stage2["model_config"]["arch_options"]["decoder_layers"] == 0
+    assert stage1["stage_config"]["objective_options"]["itm_weight"] == 0.0
+    assert {"itc", "itm", "itm_accuracy", "mlm", "alpha"} <= set(stage2["history"][-1])
+    assert any(k.startswith("teacher.") for k in stage2["objective"]) and int(stage2["objective"]["queue_filled"]) > 0
+    _rerank_block(data)
+    registered = json.loads((data / "08_reporting" / "registered_model.json").read_text())
+    assert registered["version"]
+
+
+@pytest.mark.slow
+def test_blip_recipe_end_to_end_with_capfilt(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = run_recipe(project, monkeypatch, "blip")
+    stage3 = json.loads((data / "06_models" / "stage3" / "spec.json").read_text())
+    assert stage3["data"].endswith("05_model_input/shards/capfilt") and stage3["init"].endswith("stage2/final.pt")
+    assert {"itc", "itm", "lm"} <= set(load_checkpoint(data / "06_models" / "stage3" / "final.pt")["history"][-1])
+    kept = pd.read_parquet(data / "05_model_input" / "capfilt_manifest.parquet")
+    report = json.loads((data / "08_reporting" / "capfilt" / "capfilt_report.json").read_text())
+    assert report["config"]["drop_quantile"] == 0.3  # the test environment's uncalibrated 4-step filter
+    assert set(kept["capfilt_origin"]) == {"original", "synthetic"} and (kept["itm_score"] >= report["threshold"]).all()
+    shards = json.loads((data / "05_model_input" / "shards" / "capfilt" / "shards.json").read_text())
+    assert shards["n_samples"] == kept["image_id"].nunique()
+    clean = pd.read_parquet(data / "03_primary" / "clean_manifest.parquet")
+    train = clean[clean["split"] == "train"]
+    original = report["per_origin"]["original"]
+    assert original["pairs"] == len(train) and original["kept"] + original["dropped"] == len(train)
+    assert report["per_origin"]["synthetic"]["pairs"] <= train["image_id"].nunique()
+    assert report["pairs_kept"] == len(kept)
+    page = (data / "08_reporting" / "capfilt" / "capfilt_report.html").read_text(encoding="utf-8")
+    assert page.count('<tr class="kept">') >= 1 and page.count('<tr class="dropped">') >= 1  # both kinds shown
+    assert len(re.findall(r'src="data:image/png;base64,', page)) >= 2  # with thumbnails
+    _rerank_block(data)
