@@ -150,7 +150,7 @@ def run_capfilt(model: nn.Module, cfg: Any, rows: pd.DataFrame, config: CapFiltC
         states = model.text_outputs(text["input_ids"], text["attention_mask"])[0]  # (n, L, H)
         local = {image_id: k for k, image_id in enumerate(chunk["image_id"])}
         pairs = torch.stack([torch.tensor([local[i] for i in frame["image_id"]]), torch.arange(len(frame))], dim=1)
-        log_odds = pair_scores_cached(model, image_tokens, states, text["attention_mask"], pairs, max(256, len(frame)))
+        log_odds = pair_scores_cached(model, image_tokens, states, text["attention_mask"], pairs, 256)
         frame["itm_score"] = torch.sigmoid(log_odds).numpy().astype(float)  # softmax(logits)[match]
         scored.append(frame)
     result = pd.concat(scored, ignore_index=True)

@@ -9,9 +9,9 @@ fills them with −100), so they rank below every re-scored one.
 image tokens repeated ``k_test`` times, so every layer's cross-attention projects the same image to keys and values
 again for every candidate, and once more in the other direction. Here the pairs of *both* directions are pooled
 (a pair found by both is scored once), grouped by image, and each image's keys and values are computed once per
-fusion layer (:meth:`vlalign.models.fusion.FusionModel.image_kv`) and shared by all its candidate captions: one
-image with many captions is one attention of all their queries over its tokens (nothing copied), several images
-with few captions gather their cached K/V by index. :func:`pair_scores_uncached` is the LAVIS-style reference path;
+fusion layer (:meth:`vlalign.models.fusion.FusionModel.image_kv`) and shared by all its candidate captions (a
+broadcast view: nothing of the image is copied or recomputed per caption). :func:`pair_scores_uncached` is the
+LAVIS-style reference path;
 the scores agree to float rounding (tests/vlalign/eval/test_rerank.py) and benchmarks/bench_rerank.py measures time
 and FLOPs of the two.
 
@@ -102,46 +102,24 @@ def pair_scores_uncached(model: nn.Module, image_tokens: torch.Tensor, text_toke
 
 @torch.no_grad()
 def pair_scores_cached(model: nn.Module, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
-                       text_mask: torch.Tensor, pairs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+                       text_mask: torch.Tensor, pairs: torch.Tensor, batch_size: int = 256,
+                       image_chunk: int = 64) -> torch.Tensor:
     """ITM log-odds of each ``(image, caption)`` row of ``pairs`` (P, 2), each image's cross-attention K/V computed
-    once and reused for all its captions. (P,), in the order of ``pairs``."""
+    once (for ``image_chunk`` images at a time) and shared by all its captions. (P,), in the order of ``pairs``."""
     scores = torch.empty(pairs.shape[0], device=text_tokens.device)
     order = torch.argsort(pairs[:, 0], stable=True)  # (P,) pairs grouped by image
-    images, counts = torch.unique_consecutive(pairs[order, 0], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-
-    def run(rows: torch.Tensor, kv: list, kv_index: torch.Tensor | None) -> None:
-        tokens, mask = _trim(text_tokens, text_mask, pairs[rows, 1])
-        scores[rows] = itm_score(model.itm_logits(tokens, mask, kv=kv, kv_index=kv_index))
-
-    pending: list[int] = []  # groups (indexes into `images`) of the chunk being assembled
-
-    def flush() -> None:
-        if not pending:
-            return
-        group_rows = [order[starts[g]:starts[g] + counts[g]] for g in pending]
-        rows = torch.cat(group_rows)  # (n,)
-        kv = model.image_kv(image_tokens[images[pending]])  # once per image of the chunk
-        local = torch.repeat_interleave(torch.arange(len(pending), device=rows.device),
-                                        torch.tensor([len(r) for r in group_rows], device=rows.device))  # (n,)
-        run(rows, kv, local)
-        pending.clear()
-
-    filled = 0
-    for g in range(images.shape[0]):
-        count = int(counts[g])
-        if count >= batch_size:  # one image, many captions: its K/V shared by every sub-batch, nothing copied
-            rows = order[starts[g]:starts[g] + count]
-            kv = model.image_kv(image_tokens[images[g]:images[g] + 1])
-            for start in range(0, count, batch_size):
-                run(rows[start:start + batch_size], kv, None)
-            continue
-        if filled + count > batch_size:
-            flush()
-            filled = 0
-        pending.append(g)
-        filled += count
-    flush()
+    images, counts = torch.unique_consecutive(pairs[order, 0], return_counts=True)  # (G,), (G,)
+    ends = torch.cumsum(counts, 0).tolist()
+    starts = [end - int(c) for end, c in zip(ends, counts)]
+    for first in range(0, images.shape[0], image_chunk):
+        kv = model.image_kv(image_tokens[images[first:first + image_chunk]])  # per layer (u, h, T, d) x 2
+        for j, g in enumerate(range(first, min(first + image_chunk, images.shape[0]))):
+            own = [(k[j:j + 1], v[j:j + 1]) for k, v in kv]  # this image's K/V, broadcast to its captions
+            rows = order[starts[g]:ends[g]]
+            for start in range(0, rows.shape[0], batch_size):
+                chunk = rows[start:start + batch_size]
+                tokens, mask = _trim(text_tokens, text_mask, pairs[chunk, 1])
+                scores[chunk] = itm_score(model.itm_logits(tokens, mask, kv=own))
     return scores
 
 

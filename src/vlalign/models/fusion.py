@@ -124,24 +124,19 @@ class CrossAttention(nn.Module):
         """``x`` (B, L, H) attends to image keys/values ``kv`` (N, h, T, d) -> (B, L, H).
 
         Row b uses image ``kv_index[b]``; without ``kv_index`` row b uses image b, or the one image when N == 1.
-        One image shared by every row is computed as one attention of the B * L queries over its T tokens, so
-        nothing of the image is copied per row.
+        One image shared by every row is broadcast to the rows (an expanded view: nothing of the image is copied or
+        recomputed per row); rows of several images gather their cached K/V by index (a copy, no matmul).
         """
         k, v = kv
         q = _heads(self.q(x), self.heads)  # (B, h, L, d)
-        b, h, n, d = q.shape
-        drop = self.dropout if self.training else 0.0
-        shared = k.shape[0] == 1 and (kv_index is None or bool((kv_index == 0).all()))
-        if shared and b > 1:
-            stacked = q.transpose(0, 1).reshape(1, h, b * n, d)  # (1, h, B*L, d)
-            attn = F.scaled_dot_product_attention(stacked, k, v, dropout_p=drop)  # (1, h, B*L, d)
-            attn = attn.reshape(h, b, n, d).transpose(0, 1)  # (B, h, L, d)
-        else:
-            if kv_index is not None and not shared:
-                k, v = k[kv_index], v[kv_index]  # (B, h, T, d) gathered, no recomputation
-            elif k.shape[0] != b:
-                raise ValueError(f"cross-attention: {b} text rows but keys/values of {k.shape[0]} images; pass kv_index.")
-            attn = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B, h, L, d)
+        b = q.shape[0]
+        if k.shape[0] == 1 and b > 1 and (kv_index is None or bool((kv_index == 0).all())):
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)  # (B, h, T, d) views of the one image
+        elif kv_index is not None:
+            k, v = k[kv_index], v[kv_index]  # (B, h, T, d) gathered, no recomputation
+        elif k.shape[0] != b:
+            raise ValueError(f"cross-attention: {b} text rows but keys/values of {k.shape[0]} images; pass kv_index.")
+        attn = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, h, L, d)
         return self.out(_merge_heads(attn))  # (B, L, H)
 
 
