@@ -56,6 +56,7 @@ def data(root: Path) -> tuple:
                             {"json": str(flickr / "dataset_demo_zh.json"), "image_root": str(flickr / "images"),
                              "lang": "zh"}])
     images, _ = load_imagefolder(root / "imagenet_demo" / "val", root / "imagenet_demo" / "wnids.txt")
+    images = images[images["load_error"].isna()].assign(label=lambda f: f["label"].astype(int))  # as validation does
     classnames = load_lines(root / "imagenet_demo" / "classnames_en.txt")
     templates = load_lines(root / "imagenet_demo" / "templates_en.txt")
     test = manifest[manifest["split"] == "test"].drop_duplicates("image_path")

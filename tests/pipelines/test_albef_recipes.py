@@ -12,9 +12,29 @@ import pytest
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
+from vlalign.errors import ConfigError
 from vlalign.train import load_checkpoint
+from vlalign_pipelines.recipes import RecipePlan, StagePlan
 
-from conftest import run_dir
+from conftest import REPO, run_dir
+
+
+def test_blip_pipeline_runs_capfilt_between_the_stages_and_albef_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlalign_pipelines.pipelines.capfilt.pipeline import for_plan
+    from vlalign_pipelines.pipelines.training.pipeline import create_pipeline
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("VLALIGN_RECIPE", "blip")
+    nodes = {node.name: node for node in create_pipeline().nodes}
+    order = [node.name for node in create_pipeline().nodes]  # topological
+    assert order.index("stage2.train") < order.index("capfilt") < order.index("stage3.train")
+    assert nodes["capfilt"].inputs == ["stage2.final_checkpoint", "clean_manifest", "params:training"]
+    assert "capfilt_shards" in nodes["stage3.train"].inputs and "train_shards" in nodes["stage2.train"].inputs
+    monkeypatch.setenv("VLALIGN_RECIPE", "albef")
+    assert "capfilt" not in {node.name for node in create_pipeline().nodes}
+    bad = RecipePlan("r", [StagePlan("a"), StagePlan("b", init="a")], ("b", "a"), {"capfilt": {"after": "c"}})
+    with pytest.raises(ConfigError, match=r"capfilt.after='c': expected one of the recipe's stages \['a', 'b'\]"):
+        for_plan(bad)
 
 
 def run_recipe(project: Path, monkeypatch: pytest.MonkeyPatch, recipe: str) -> Path:

@@ -79,8 +79,10 @@ class CapFiltConfig:
 
 
 def caption_text(tokenizer: Any, ids: list[int]) -> str:
-    """Token ids -> caption text: special tokens dropped, WordPiece joined, no spaces between CJK characters."""
+    """Token ids -> caption text: special tokens dropped, WordPiece joined (a stray ``##`` piece becomes a word), no
+    spaces between CJK characters."""
     text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    text = re.sub(r"(^|\s)##", r"\1", text)  # a word-piece continuation with no word before it starts a word
     text = re.sub(rf"(?<=[{_CJK}])\s+(?=[{_CJK}])", "", text)
     return re.sub(r"\s+", " ", text).strip()
 

@@ -18,7 +18,6 @@ from vlalign_pipelines.settings import CONFIG_LOADER_ARGS, DEFAULT_ENV, RunConfi
 from vlalign_pipelines.recipes import StagePlan, project_plan
 
 from .nodes import train_one_stage, training_rows
-from ..capfilt.pipeline import for_plan as capfilt_for_plan
 
 
 def stage_names(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
@@ -47,6 +46,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         stages = [StagePlan(n, init=names[k - 1] if k else None) for k, n in enumerate(names)]
         capfilt = Pipeline([])
     else:
+        from ..capfilt.pipeline import for_plan as capfilt_for_plan  # late: the capfilt node reuses training's nodes
+
         recipe = project_plan()
         stages = recipe.stages
         capfilt = capfilt_for_plan(recipe)  # e.g. blip: caption + filter after a stage; a later stage trains on it
