@@ -37,6 +37,25 @@ def test_blip_pipeline_runs_capfilt_between_the_stages_and_albef_has_none(monkey
         for_plan(bad)
 
 
+def test_recipes_combine_with_an_environment_and_a_model_name() -> None:
+    """`kedro run --env coco_cn --params training.recipe=albef`: the environment's model (Chinese vocabulary) becomes
+    arch fusion; another model name on the command line does too."""
+    from vlalign.models import get_model_config
+    from vlalign_pipelines.recipes import resolve_model, resolve_stages
+    from vlalign_pipelines.settings import CONFIG_LOADER_ARGS, RunConfigLoader
+
+    params = RunConfigLoader(str(REPO / "conf"), "coco_cn", None, **CONFIG_LOADER_ARGS)["parameters"]
+    for recipe, options in (("albef", {"decoder_layers": 0}), ("blip", {"mlm_head": False})):
+        model = resolve_model(params["model"], params["training"], recipe)
+        cfg = get_model_config(model["name"], **model["overrides"])
+        assert (cfg.name, cfg.arch, cfg.arch_options) == ("tiny-vit-bert-zh", "fusion", options)
+        assert cfg.text.vocab.endswith("cn_clip/clip/vocab.txt")
+        assert [s["objective"] for s in resolve_stages(params["training"], recipe)][0] == recipe
+    big = resolve_model({**params["model"], "name": "vit-b16-bert-base-fusion"}, params["training"], "albef")
+    cfg = get_model_config(big["name"], **big["overrides"])
+    assert cfg.arch_options == {"fusion_layers": 6, "decoder_layers": 0, "mlm_head": True, "mlp_ratio": 4, "dropout": 0.0}
+
+
 def run_recipe(project: Path, monkeypatch: pytest.MonkeyPatch, recipe: str) -> Path:
     monkeypatch.setenv("VLALIGN_RECIPE", recipe)  # what `kedro run --params training.recipe=<recipe>` sets
     bootstrap_project(project)
