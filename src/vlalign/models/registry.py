@@ -94,6 +94,7 @@ def build_model(cfg: Any, load_pretrained: bool = True) -> nn.Module:
 def _load_builtin() -> None:
     """Import the modules that register the built-in architectures."""
     import vlalign.models.clip  # noqa: F401  (registers "dual")
+    import vlalign.models.fusion  # noqa: F401  (registers "fusion")
 
 
 # ------------------------------------------------------------------------------------------------

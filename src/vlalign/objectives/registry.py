@@ -38,6 +38,7 @@ def register_objective(name: str, options: type) -> Callable[[type[Objective]], 
 
 def _load_builtin() -> None:
     import vlalign.objectives.clip  # noqa: F401  (registers "clip")
+    import vlalign.objectives.albef  # noqa: F401  (registers "albef" and "blip")
 
 
 def list_objectives() -> list[str]:

@@ -113,6 +113,7 @@ class ClipWithEma(Objective):
 ARCH_CONFIGS = {
     "dual": {},
     "test_dual_teacher": {"arch": "test_dual_teacher", "arch_options": {"teacher_momentum": 0.5}},
+    "fusion": {"arch": "fusion", "arch_options": {"fusion_layers": 1, "decoder_layers": 1}},
 }
 
 

@@ -12,6 +12,7 @@ from vlalign.data.formats import AUTO, resolve_lang, resolve_langs
 from vlalign.errors import ConfigError
 from vlalign.eval.probe import compositional_pairs, compositional_probe
 from vlalign.eval.report import clip_benchmark_record, write_benchmark_report
+from vlalign.eval.rerank import RerankConfig, evaluate_rerank, has_itm_head
 from vlalign.eval.run import evaluate_retrieval, evaluate_zero_shot
 from vlalign.tracking.hashing import evaluation_data_identity
 from vlalign.tracking.mlflow import log_artifact, log_metrics
@@ -20,7 +21,7 @@ from vlalign.train.checkpoint import as_checkpoint
 
 
 SUMMARY_KEYS = ("dataset", "split", "language", "n_images", "n_captions", "n_classes", "n_templates",
-                "n_pairs", "n_pairs_per_attribute", "metrics", "chance", "ratio_to_chance")
+                "n_pairs", "n_pairs_per_attribute", "k_test", "metrics", "itc_metrics", "chance", "ratio_to_chance")
 
 
 def build_probe_pairs(probe_source: dict[str, Any], manifest: pd.DataFrame, params: dict[str, Any]) -> list[list[str]]:
@@ -55,6 +56,11 @@ def evaluate_model(
         blocks[key] = evaluate_retrieval(model, model.config, manifest, split=params["split"], lang=lang,
                                          batch_size=params["batch_size"], chunk_size=params["chunk_size"])
         blocks[key]["dataset"] = params["retrieval_dataset"]
+    if params.get("rerank") and has_itm_head(model):  # ITC top k_test re-scored by the ITM head (arch fusion)
+        blocks["itm_rerank"] = evaluate_rerank(model, model.config, manifest, split=params["split"], lang=primary,
+                                               config=RerankConfig.from_dict(params["rerank"]),
+                                               batch_size=params["batch_size"])
+        blocks["itm_rerank"]["dataset"] = params["retrieval_dataset"]
     lang = primary if params["zero_shot_lang"] == AUTO else params["zero_shot_lang"]
     if lang not in zero_shot_set["classnames"] or lang not in zero_shot_set["templates"]:
         raise ConfigError(f"evaluation.zero_shot_lang={lang!r}: the zero-shot set has class names in "
@@ -101,6 +107,16 @@ def write_report(details: dict[str, Any], params: dict[str, Any]) -> dict[str, s
                 "description": "Multi-caption protocol (Flickr30k/COCO-CN): an image counts as retrieved when any "
                 "of its captions is in the top K; each caption has exactly one correct image. Ties count against "
                 "the model.",
+            }
+        elif name == "itm_rerank":
+            metrics = {f"{k} (ITM re-ranked)": v for k, v in block["metrics"].items()}
+            metrics.update({f"{k} (ITC only)": v for k, v in block["itc_metrics"].items()})
+            chance = {f"{k} ({kind})": v for k, v in block["chance"].items() for kind in ("ITM re-ranked", "ITC only")}
+            sections[f"{block['dataset']} retrieval with ITM re-ranking ({block['language']}, {block['split']})"] = {
+                "metrics": metrics, "chance": chance, "k_test": block["k_test"], "n_pairs_fused": block["n_pairs_fused"],
+                "description": f"ITC ranks every candidate; the top {block['k_test']} of each query are re-scored by "
+                "the ITM head (log-odds of a match), with each image's cross-attention keys and values computed "
+                "once for all its candidates. Same protocol and tie rule as the retrieval section.",
             }
         elif name == "zero_shot":
             sections[f"{block['dataset']} zero-shot ({block['language']})"] = {

@@ -44,9 +44,14 @@ def create_pipeline(**kwargs) -> Pipeline:
     if kwargs.get("stages"):
         names = list(kwargs["stages"])
         stages = [StagePlan(n, init=names[k - 1] if k else None) for k, n in enumerate(names)]
+        capfilt = Pipeline([])
     else:
-        stages = project_plan().stages
+        from ..capfilt.pipeline import for_plan as capfilt_for_plan  # late: the capfilt node reuses training's nodes
+
+        recipe = project_plan()
+        stages = recipe.stages
+        capfilt = capfilt_for_plan(recipe)  # e.g. blip: caption + filter after a stage; a later stage trains on it
     result = Pipeline([node(training_rows, inputs="clean_manifest", outputs="train_shards", name="write_training_shards")])
     for stage in stages:
         result += stage_pipeline(stage)
-    return result
+    return result + capfilt

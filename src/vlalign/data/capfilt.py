@@ -1,0 +1,250 @@
+"""CapFilt (BLIP §3.3): caption the training images, filter original and synthetic captions with the ITM head.
+
+The captioner (the fusion model's caption decoder) writes ``synthetic_per_image`` captions for every training image
+by nucleus sampling; the ITM head scores every (image, caption) pair, original and synthetic, as a probability of a
+match; pairs below ``threshold`` are dropped. The kept pairs form the filtered manifest (the manifest columns of
+INTERFACES §1 plus ``capfilt_origin`` = original | synthetic and ``itm_score``), which the pipeline writes as shards
+for the next stage; an image that keeps no caption leaves the corpus. :func:`capfilt_report` counts kept and dropped
+pairs per origin with examples, and :func:`capfilt_html` renders them with thumbnails.
+
+Pairs are scored with the per-image K/V cache of :mod:`vlalign.eval.rerank`: an image's cross-attention keys and
+values are computed once for all its captions. Images are read only through :mod:`vlalign.data.images`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from vlalign.errors import ConfigError, DatasetFormatError
+
+ORIGINS = ("original", "synthetic")
+_CJK = "\u3000-\u303f\u4e00-\u9fff\uff00-\uffef"  # CJK ideographs, symbols and full-width punctuation
+
+
+@dataclass
+class CapFiltConfig:
+    """The ``capfilt`` section of a recipe (``training.recipes.<name>.capfilt``)."""
+
+    after: str = "stage2"  # the stage whose captioner and ITM head bootstrap the corpus (its final checkpoint)
+    synthetic_per_image: int = 1  # captions sampled per training image
+    top_p: float = 0.9  # nucleus sampling mass (BLIP: 0.9)
+    temperature: float = 1.0  # softmax temperature of the sampler
+    max_length: int = 20  # tokens of a synthetic caption at most, [CLS] and [SEP] included
+    min_length: int = 5  # tokens before [SEP] may be sampled
+    threshold: float = 0.5  # ITM probability of a match below which a pair is dropped
+    drop_quantile: float | None = None  # instead of threshold: drop this lowest fraction of the scores (uncalibrated filters)
+    batch_size: int = 64  # images captioned and scored at once
+    seed: int = 0  # seed of the sampler
+    examples: int = 6  # kept and dropped examples per origin in the report
+    thumbnail: int = 64  # side of the report's thumbnails in pixels
+
+    def __post_init__(self) -> None:
+        checks = [
+            (isinstance(self.synthetic_per_image, int) and self.synthetic_per_image >= 0, "synthetic_per_image",
+             "an integer >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]"),
+            (self.temperature > 0, "temperature", "> 0"),
+            (isinstance(self.max_length, int) and self.max_length >= 3, "max_length", "an integer >= 3"),
+            (isinstance(self.min_length, int) and 1 <= self.min_length < self.max_length, "min_length",
+             "an integer in [1, max_length)"),
+            (0.0 <= self.threshold < 1.0, "threshold", "a probability in [0, 1)"),
+            (self.drop_quantile is None or 0.0 <= self.drop_quantile < 1.0, "drop_quantile", "null or in [0, 1)"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "a positive integer"),
+            (isinstance(self.examples, int) and self.examples >= 0, "examples", "an integer >= 0"),
+            (isinstance(self.thumbnail, int) and self.thumbnail >= 8, "thumbnail", "an integer >= 8"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ConfigError(f"capfilt.{name}={getattr(self, name)!r}: expected {expected} (the recipe's capfilt section).")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str = "capfilt") -> CapFiltConfig:
+        """From a recipe's ``capfilt`` mapping, naming unknown keys."""
+        data = dict(data or {})
+        allowed = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed are {sorted(allowed)}.")
+        return cls(**data)
+
+
+def caption_text(tokenizer: Any, ids: list[int]) -> str:
+    """Token ids -> caption text: special tokens dropped, WordPiece joined (a stray ``##`` piece becomes a word), no
+    spaces between CJK characters."""
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    text = re.sub(r"(^|\s)##", r"\1", text)  # a word-piece continuation with no word before it starts a word
+    text = re.sub(rf"(?<=[{_CJK}])\s+(?=[{_CJK}])", "", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def caption_lang(text: str) -> str:
+    """``zh`` when the caption has a CJK ideograph, else ``en``."""
+    return "zh" if re.search(r"[\u4e00-\u9fff]", text) else "en"
+
+
+def _pixels(rows: pd.DataFrame, transform: Any) -> torch.Tensor:
+    from vlalign.data.images import ImageAccessError, decode_roots, open_image
+
+    images = []
+    for path, root, source in zip(rows["image_path"], rows["image_root"], rows.get("source", rows["image_path"])):
+        try:
+            images.append(transform(open_image(path, decode_roots(root))))
+        except ImageAccessError as exc:
+            raise DatasetFormatError(f"{source}: {exc} CapFilt reads the training images; re-run validation.") from exc
+    return torch.stack(images)  # (b, 3, H, W)
+
+
+@torch.no_grad()
+def run_capfilt(model: nn.Module, cfg: Any, rows: pd.DataFrame, config: CapFiltConfig) -> pd.DataFrame:
+    """Every (image, caption) pair of the training ``rows`` and of the sampled captions, with ``capfilt_origin``,
+    ``itm_score`` (probability of a match) and ``kept`` (score >= threshold), images in first-seen order."""
+    from vlalign.data.tokenizers import tokenize
+    from vlalign.data.transforms import build_transform
+    from vlalign.eval.rerank import has_itm_head, pair_scores_cached
+    from vlalign.models.towers import build_tokenizer_for
+
+    if not has_itm_head(model) or getattr(model, "decoder", None) is None:
+        raise ConfigError(f"CapFilt needs a fusion model with a caption decoder and an ITM head; the checkpoint's model "
+                          f"{cfg.name!r} (arch {cfg.arch!r}) lacks one. Run it after a `blip` stage (recipe blip).")
+    if rows.empty:
+        raise DatasetFormatError("CapFilt: no training rows to filter.")
+    model.eval()
+    tokenizer = build_tokenizer_for(cfg)
+    transform = build_transform(cfg, train=False)
+    banned = sorted({tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.mask_token_id, tokenizer.unk_token_id})
+    generator = torch.Generator().manual_seed(config.seed)
+    firsts = rows.drop_duplicates("image_id")
+    groups = rows.groupby("image_id", sort=False).indices
+    scored = []
+    for start in range(0, len(firsts), config.batch_size):
+        chunk = firsts.iloc[start:start + config.batch_size]
+        pixels = _pixels(chunk, transform)  # (b, 3, H, W)
+        image_tokens = model.image_outputs(pixels)[0]  # (b, T, C)
+        frame = pd.concat([rows.iloc[groups[i]] for i in chunk["image_id"]]).assign(capfilt_origin="original")
+        if config.synthetic_per_image:
+            repeat = config.synthetic_per_image
+            ids = model.generate(pixels.repeat_interleave(repeat, 0), tokenizer.cls_token_id, tokenizer.sep_token_id,
+                                 tokenizer.pad_token_id, banned, config.max_length, config.min_length, config.top_p,
+                                 config.temperature, generator, image_tokens.repeat_interleave(repeat, 0))
+            synthetic = []
+            for k, row in enumerate(ids.tolist()):
+                first = chunk.iloc[k // repeat]
+                text = caption_text(tokenizer, row)
+                if not text:
+                    continue  # an empty sample (only special tokens) is no caption
+                synthetic.append({**{c: first[c] for c in ("image_id", "image_path", "image_root", "split")},
+                                  "caption": text, "lang": caption_lang(text),
+                                  "caption_id": f"capfilt:{first['image_id']}:{k % repeat}",
+                                  "source": f"capfilt synthetic caption {k % repeat} of image {first['image_id']}",
+                                  "capfilt_origin": "synthetic"})
+            frame = pd.concat([frame, pd.DataFrame(synthetic)], ignore_index=True)
+        text = tokenize(tokenizer, frame["caption"].tolist(), cfg.text.context_length)
+        states = model.text_outputs(text["input_ids"], text["attention_mask"])[0]  # (n, L, H)
+        local = {image_id: k for k, image_id in enumerate(chunk["image_id"])}
+        pairs = torch.stack([torch.tensor([local[i] for i in frame["image_id"]]), torch.arange(len(frame))], dim=1)
+        log_odds = pair_scores_cached(model, image_tokens, states, text["attention_mask"], pairs, 256)
+        frame["itm_score"] = torch.sigmoid(log_odds).numpy().astype(float)  # softmax(logits)[match]
+        scored.append(frame)
+    result = pd.concat(scored, ignore_index=True)
+    result["kept"] = result["itm_score"] >= effective_threshold(result["itm_score"], config)
+    return result
+
+
+def effective_threshold(scores: pd.Series, config: CapFiltConfig) -> float:
+    """``threshold``, or with ``drop_quantile`` q the q-quantile of the scores (the lowest fraction q is dropped)."""
+    if config.drop_quantile is None:
+        return config.threshold
+    return float(np.quantile(scores.to_numpy(), config.drop_quantile))
+
+
+def filtered_manifest(scored: pd.DataFrame, config: CapFiltConfig) -> pd.DataFrame:
+    """The kept pairs (manifest columns + ``capfilt_origin``, ``itm_score``); a ConfigError when nothing is kept."""
+    kept = scored[scored["kept"]].drop(columns=["kept"]).reset_index(drop=True)
+    if kept.empty:
+        raise ConfigError(f"CapFilt kept no pair: every ITM score is below the threshold {config.threshold} (highest "
+                          f"{scored['itm_score'].max():.3f}). Train the filtering stage {config.after!r} longer or "
+                          "lower training.recipes.<recipe>.capfilt.threshold.")
+    return kept
+
+
+def capfilt_report(scored: pd.DataFrame, config: CapFiltConfig) -> dict[str, Any]:
+    """Counts of kept and dropped pairs per origin, images that lost every caption, and seeded examples of each
+    (image path and root, caption, score), for the JSON report and :func:`capfilt_html`."""
+    rng = np.random.default_rng(config.seed)
+    per_origin: dict[str, Any] = {}
+    for origin in ORIGINS:
+        part = scored[scored["capfilt_origin"] == origin]
+        examples = {}
+        for label, subset in (("kept", part[part["kept"]]), ("dropped", part[~part["kept"]])):
+            take = rng.choice(len(subset), size=min(config.examples, len(subset)), replace=False) if len(subset) else []
+            picked = subset.iloc[sorted(take)].sort_values("itm_score", ascending=(label == "dropped"))
+            examples[label] = [{"image_id": str(r.image_id), "image_path": str(r.image_path),
+                                "image_root": str(r.image_root), "caption": str(r.caption), "lang": str(r.lang),
+                                "itm_score": float(r.itm_score)} for r in picked.itertuples()]
+        per_origin[origin] = {"pairs": int(len(part)), "kept": int(part["kept"].sum()),
+                              "dropped": int((~part["kept"]).sum()),
+                              "kept_fraction": float(part["kept"].mean()) if len(part) else 0.0,
+                              "mean_itm_score": float(part["itm_score"].mean()) if len(part) else 0.0,
+                              "examples": examples}
+    images = scored.groupby("image_id", sort=False)["kept"].any()
+    return {"config": asdict(config), "threshold": effective_threshold(scored["itm_score"], config), "n_images": int(len(images)), "images_kept": int(images.sum()),
+            "images_without_caption": int((~images).sum()), "pairs": int(len(scored)),
+            "pairs_kept": int(scored["kept"].sum()), "per_origin": per_origin}
+
+
+def _thumbnail(path: str, root: str, side: int) -> str:
+    """A data URI of the image as a PNG thumbnail (read inside its roots)."""
+    from vlalign.data.images import decode_roots, open_image
+
+    image = open_image(path, decode_roots(root)).convert("RGB")
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def capfilt_html(report: dict[str, Any], title: str = "CapFilt report") -> str:
+    """A self-contained HTML page: kept/dropped counts per origin, then kept and dropped examples with thumbnails."""
+    config = report["config"]
+    esc = html.escape
+    body = [f"<h1>{esc(title)}</h1>",
+            f"<p>Captioner and filter: the final checkpoint of stage <b>{esc(str(config['after']))}</b>. "
+            f"{config['synthetic_per_image']} synthetic caption(s) per image by nucleus sampling (top_p "
+            f"{config['top_p']}); a pair is kept when the ITM probability of a match is at least "
+            f"{report['threshold']:.4g}"
+            + (f" (the {config['drop_quantile']} quantile of the scores). " if config["drop_quantile"] is not None else ". ")
+            + f"{report['images_kept']} of {report['n_images']} images keep at least one caption; "
+            f"{report['pairs_kept']} of {report['pairs']} pairs are kept.</p>",
+            "<table><tr><th>Origin</th><th>Pairs</th><th>Kept</th><th>Dropped</th><th>Kept %</th>"
+            "<th>Mean ITM score</th></tr>"]
+    for origin, stats in report["per_origin"].items():
+        body.append(f"<tr><td>{origin}</td><td>{stats['pairs']}</td><td>{stats['kept']}</td><td>{stats['dropped']}</td>"
+                    f"<td>{100 * stats['kept_fraction']:.1f}</td><td>{stats['mean_itm_score']:.3f}</td></tr>")
+    body.append("</table>")
+    for origin, stats in report["per_origin"].items():
+        for label in ("kept", "dropped"):
+            rows = stats["examples"][label]
+            body.append(f"<h2>{origin} captions, {label} ({stats[label]} in all; {len(rows)} examples)</h2>")
+            if not rows:
+                body.append("<p>none</p>")
+                continue
+            body.append("<table><tr><th>Image</th><th>Caption</th><th>ITM score</th></tr>")
+            for row in rows:
+                uri = _thumbnail(row["image_path"], row["image_root"], int(config["thumbnail"]))
+                body.append(f'<tr class="{label}"><td><img alt="image {esc(row["image_id"])}" src="{uri}"></td>'
+                            f"<td>{esc(row['caption'])}</td><td>{row['itm_score']:.3f}</td></tr>")
+            body.append("</table>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{esc(title)}</title>\n<style>body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}"
+            " table { border-collapse: collapse; margin: 1em 0; } th, td { border: 1px solid #bbb; padding: 0.3em 0.8em; }"
+            " tr.dropped td { color: #933; }</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
