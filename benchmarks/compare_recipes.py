@@ -85,9 +85,9 @@ class Corpus:
 
 
 def stage(name: str, objective: str, options: dict, steps: int, args: argparse.Namespace, seed: int, lang: str,
-          lr: float | None = None, warmup: int | None = None) -> StageConfig:
+          lr: float | None = None, warmup: int | None = None, batch_size: int | None = None) -> StageConfig:
     return StageConfig(name=name, trainable=["all"], objective=objective, objective_options=options, max_steps=steps,
-                       batch_size=args.batch_size, lr=lr or args.lr, warmup_steps=args.warmup if warmup is None else warmup,
+                       batch_size=batch_size or args.batch_size, lr=lr or args.lr, warmup_steps=args.warmup if warmup is None else warmup,
                        weight_decay=0.1, seed=seed, checkpoint_every=0, log_every=max(steps // 5, 1),
                        caption_langs=[lang], device="cpu")
 
@@ -128,7 +128,8 @@ def train(cfg, st: StageConfig, rows, init: dict | None = None) -> tuple[dict, f
 def run_single(key: str, corpora: dict, args, spec: dict) -> dict:
     corpus = corpora[spec["data"]]
     cfg = get_model_config(args.model, **spec.get("overrides", {}))
-    st = stage(spec["objective"], spec["objective"], spec["options"], spec["steps"], args, spec["seed"], spec["lang"])
+    st = stage(spec["objective"], spec["objective"], spec["options"], spec["steps"], args, spec["seed"], spec["lang"],
+               batch_size=spec.get("batch_size"))
     ckpt, wall = train(cfg, st, corpus.train_rows(spec["lang"]))
     metrics = evaluate(ckpt, corpus, spec["lang"], probe=spec.get("probe", ()))
     return {**spec, "metrics": metrics, "train_wall_s": wall, "final_loss": ckpt["history"][-1]["loss"],
@@ -178,20 +179,34 @@ def run_sphinx(key: str, corpora: dict, args, spec: dict) -> dict:
             "greedy": greedy.summary(), "test": test, "train_wall_s": walls}
 
 
+GROUPS = ("objectives", "mixed", "subimages", "sphinx")
+
+
+def per_group(default: int, items: list[str], flag: str) -> dict[str, int]:
+    """``default`` for every group, or a group's own value from ``GROUP=VALUE`` items."""
+    values = {g: default for g in GROUPS}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in values or not value.isdigit():
+            raise SystemExit(f"{flag} {item!r}: expected GROUP=INTEGER with GROUP in {list(GROUPS)}")
+        values[name] = int(value)
+    return values
+
+
 def group_steps(args) -> dict[str, int]:
     """Optimizer steps of every run of each group (``--steps``, or a group's own ``--group-steps NAME=STEPS``)."""
-    steps = {g: args.steps for g in ("objectives", "mixed", "subimages", "sphinx")}
-    for item in args.group_steps:
-        name, _, value = item.partition("=")
-        if name not in steps or not value.isdigit():
-            raise SystemExit(f"--group-steps {item!r}: expected GROUP=STEPS with GROUP in {sorted(steps)}")
-        steps[name] = int(value)
-    return steps
+    return per_group(args.steps, args.group_steps, "--group-steps")
+
+
+def group_batch(args) -> dict[str, int]:
+    """Batch size of every run of each group (``--batch-size``, or ``--group-batch NAME=SIZE``)."""
+    return per_group(args.batch_size, args.group_batch, "--group-batch")
 
 
 def plan_runs(args) -> dict[str, dict]:
     runs: dict[str, dict] = {}
     steps = group_steps(args)
+    batch = group_batch(args)
     for seed in args.seeds:
         if "objectives" in args.groups:
             for lang in args.langs:
@@ -212,7 +227,8 @@ def plan_runs(args) -> dict[str, dict]:
                 runs[f"subimages/en/{name}/seed{seed}"] = {
                     "group": "subimages", "variant": name, "lang": "en", "seed": seed, "data": "highres",
                     "objective": "clip", "options": {}, "overrides": {"image": image},
-                    "probe": ("pattern", "colour", "shape"), "steps": steps["subimages"]}
+                    "probe": ("pattern", "colour", "shape"), "steps": steps["subimages"],
+                    "batch_size": batch["subimages"]}
         if "sphinx" in args.groups:
             runs[f"sphinx/en/sphinx/seed{seed}"] = {"group": "sphinx", "variant": "sphinx", "lang": "en", "seed": seed,
                                                     "data": "default", "overrides": {}, "steps": steps["sphinx"]}
@@ -336,6 +352,8 @@ def main() -> None:
                         help="a group's own number of steps (the same for every variant of the group)")
     parser.add_argument("--finetune-steps", type=int, default=50, help="steps of each SPHINX fine-tune")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--group-batch", nargs="*", default=["subimages=32"], metavar="GROUP=SIZE",
+                        help="a group's own batch size (the same for every variant of the group)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--model", default="tiny-vit-bert")
@@ -347,7 +365,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     state = json.loads(out.read_text()) if out.exists() else {"runs": {}}
-    state["budget"] = {"steps": group_steps(args), "finetune_steps": args.finetune_steps, "batch_size": args.batch_size,
+    state["budget"] = {"steps": group_steps(args), "finetune_steps": args.finetune_steps, "batch_size": group_batch(args),
                        "lr": args.lr, "warmup": args.warmup, "model": args.model, "threads": args.threads}
     if not args.plot_only:
         corpora = {"default": Corpus.make(Path(args.data_root) / "demo", DemoConfig()),
