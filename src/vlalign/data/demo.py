@@ -7,6 +7,14 @@ near-miss images (a copy of the previous image with exactly one attribute change
 on purpose. The same drawer makes a zero-shot classification set in ImageNet folder layout whose
 classes are the colour x shape combinations.
 
+The high-resolution variant (``DemoConfig(patterns=True, image_size=128)``, the ``demo_highres`` environment)
+fills every shape with a fine pattern, ``striped`` (1-pixel horizontal stripes) or ``checked`` (a 1-pixel
+checkerboard) of the shape's colour and near-black, and names it in the English captions ("a small striped red
+circle"). Both patterns have the same mean colour, so an image downsampled by 2 (e.g. to a 64-pixel tower)
+shows the same flat, darker shape for both: the pattern, which decides the caption, is visible only at full
+resolution (e.g. in the sub-image tiles of :mod:`vlalign.models.mixed`). Near misses can differ in the pattern
+alone. The Chinese captions do not name it (the demo vocabulary has no characters for it).
+
 Layout (see docs/INTERFACES.md section 2)::
 
     root/flickr_demo/images/000123.png
@@ -58,6 +66,12 @@ POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "centre")
 COUNTS: tuple[int, ...] = (1, 2, 3)
 #: Attribute names, in the order of the ``attributes`` dict stored for each image.
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position", "count")
+#: Fill patterns of the high-resolution variant (``DemoConfig.patterns``): equal mean colour, different texture.
+PATTERNS: tuple[str, ...] = ("striped", "checked")
+#: The attribute the high-resolution variant adds (after :data:`ATTRIBUTES` in each image's ``attributes``).
+PATTERN_ATTRIBUTE = "pattern"
+#: Colour of the pattern's other half (the shape's colour fills the rest).
+PATTERN_DARK_RGB = (20, 20, 20)
 
 BACKGROUND_RGB = (118, 118, 118)
 
@@ -148,6 +162,7 @@ class DemoConfig:
     near_miss_fraction: float = 0.3  # probability that an image copies the previous one with one attribute changed
     noise_std: float = 4.0  # std of the per-pixel Gaussian noise added to each image (0-255 scale)
     seed: int = 0  # seed of every random choice; same seed -> byte-identical files
+    patterns: bool = False  # high-resolution variant: shapes filled striped/checked (1-px), named in the captions
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field out of range."""
@@ -166,10 +181,19 @@ class DemoConfig:
             if not ok:
                 raise ConfigError(f"DemoConfig.{name}={getattr(self, name)!r}: expected {expected}.")
 
+    def recorded(self) -> dict:
+        """The fields that identify the dataset: every field, except those added later while at their default, so
+        the default dataset keeps its hash and its DONE marker byte for byte."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+
     def config_hash(self) -> str:
         """Hex digest identifying this config and the generator version."""
-        payload = json.dumps({"generator_version": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        payload = json.dumps({"generator_version": GENERATOR_VERSION, **self.recorded()}, sort_keys=True)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+#: DemoConfig fields added after the first release, with the default that leaves the output unchanged.
+_LATER_FIELDS = {"patterns": False}
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +208,8 @@ def _article(next_word: str) -> str:
 def _en_slots(attributes: dict, choices: dict[str, int]) -> dict[str, str]:
     """Fill the English template slots for ``attributes`` with the surface-form ``choices``."""
     colour, shape, count = attributes["colour"], attributes["shape"], int(attributes["count"])
+    if attributes.get(PATTERN_ATTRIBUTE):  # high-resolution variant: "striped red" is the colour phrase
+        colour = f"{attributes[PATTERN_ATTRIBUTE]} {colour}"
     size_words = _EN_SIZE[attributes["size"]]
     size = size_words[choices["size"] % len(size_words)]
     pos_phrases = _EN_POSITION[attributes["position"]]
@@ -242,10 +268,41 @@ def chinese_captions(attributes: dict, n: int, rng: random.Random) -> list[str]:
     return captions
 
 
+#: The one template of the synthetic ("captioner") style, per language: terse, always every attribute, and unlike
+#: any human caption template above (see :func:`templated_caption`).
+SYNTHETIC_TEMPLATE_EN = "a photo of {np_size} {pos}"
+SYNTHETIC_TEMPLATE_ZH = "一张照片：{pos}有{count}{size}的{colour}{shape}"
+
+
+def templated_caption(attributes: dict, lang: str, rng: random.Random) -> str:
+    """A caption of ``attributes`` in the synthetic style (a fixed template naming every attribute, as a simple
+    captioner writes), in ``lang`` (``en`` or ``zh``); the wording variants are drawn with ``rng``."""
+    if lang == "en":
+        return SYNTHETIC_TEMPLATE_EN.format(**_en_slots(attributes, _random_choices(rng)))
+    if lang == "zh":
+        sizes, positions = _ZH_SIZE[attributes["size"]], _ZH_POSITION[attributes["position"]]
+        return SYNTHETIC_TEMPLATE_ZH.format(
+            pos=positions[rng.randrange(len(positions))], count=_ZH_COUNT[int(attributes["count"])],
+            size=sizes[rng.randrange(len(sizes))], colour=_ZH_COLOUR[attributes["colour"]],
+            shape=_ZH_SHAPE[attributes["shape"]],
+        )
+    raise ConfigError(f"templated_caption: lang={lang!r}; the built-in grammar has en and zh.")
+
+
+def corrupt_attribute(attributes: dict, rng: random.Random) -> dict:
+    """A copy of ``attributes`` with one attribute (uniformly chosen among those present) set to another value:
+    a captioner's mistake."""
+    which = rng.choice([a for a in (*ATTRIBUTES, PATTERN_ATTRIBUTE) if a in attributes])
+    wrong = dict(attributes)
+    wrong[which] = rng.choice([v for v in _attribute_values(which) if v != attributes[which]])
+    return wrong
+
+
 def _attribute_values(which: str) -> tuple:
-    values = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES, "position": POSITIONS, "count": COUNTS}
+    values = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES, "position": POSITIONS, "count": COUNTS,
+              PATTERN_ATTRIBUTE: PATTERNS}
     if which not in values:
-        raise ConfigError(f"attribute {which!r} is unknown; expected one of {list(ATTRIBUTES)}.")
+        raise ConfigError(f"attribute {which!r} is unknown; expected one of {[*ATTRIBUTES, PATTERN_ATTRIBUTE]}.")
     return values[which]
 
 
@@ -257,6 +314,9 @@ def swap_attribute_caption(attributes: dict, which: str, rng: random.Random) -> 
     sets to another value drawn with ``rng``.
     """
     values = _attribute_values(which)
+    if which not in attributes:
+        raise ConfigError(f"attribute {which!r} cannot be swapped: this image has only {sorted(attributes)} "
+                          "(the pattern exists only in the high-resolution variant, DemoConfig(patterns=True)).")
     swapped = dict(attributes)
     swapped[which] = rng.choice([v for v in values if v != attributes[which]])
     choices = _random_choices(rng)
@@ -362,12 +422,29 @@ def _object_centres(
     return centres
 
 
+def pattern_mask(pattern: str, size_px: int) -> np.ndarray:
+    """(size_px, size_px) bool: where a patterned shape shows its colour (elsewhere :data:`PATTERN_DARK_RGB`).
+
+    ``striped``: every other row; ``checked``: a 1-pixel checkerboard. Both cover exactly half of the pixels in
+    every 2 x 2 block, so averaging over 2 x 2 (or any coarser) pixels gives the same colour for both.
+    """
+    y, x = np.mgrid[0:size_px, 0:size_px]  # (H, W) each
+    if pattern == "striped":
+        return y % 2 == 0
+    if pattern == "checked":
+        return (x + y) % 2 == 0
+    raise ConfigError(f"pattern {pattern!r} is unknown; expected one of {list(PATTERNS)}.")
+
+
 def draw_image(attributes: dict, size_px: int, noise_std: float, rng: np.random.Generator) -> Image.Image:
-    """Draw ``attributes`` (see :data:`ATTRIBUTES`) as an RGB image of ``size_px`` x ``size_px``."""
+    """Draw ``attributes`` (see :data:`ATTRIBUTES`, plus ``pattern`` in the high-resolution variant) as an RGB image
+    of ``size_px`` x ``size_px``."""
     image = Image.new("RGB", (size_px, size_px), BACKGROUND_RGB)
-    draw = ImageDraw.Draw(image)
+    pattern = attributes.get(PATTERN_ATTRIBUTE)
+    canvas = Image.new("L", (size_px, size_px), 0) if pattern else image  # patterned: draw the shapes' mask first
+    draw = ImageDraw.Draw(canvas)
     radius = size_px * (0.07 if attributes["size"] == "small" else 0.13)
-    fill = COLOURS[attributes["colour"]]
+    fill = 255 if pattern else COLOURS[attributes["colour"]]
     for cx, cy in _object_centres(attributes, size_px, radius, rng):
         if attributes["shape"] == "circle":
             draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
@@ -376,6 +453,13 @@ def draw_image(attributes: dict, size_px: int, noise_std: float, rng: np.random.
             draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
         else:
             draw.polygon(_shape_polygon(attributes["shape"], cx, cy, radius), fill=fill)
+    if pattern:
+        inside = np.asarray(canvas) > 127  # (H, W) the shapes
+        lit = pattern_mask(pattern, size_px)  # (H, W)
+        pixels = np.asarray(image).copy()  # (H, W, 3)
+        pixels[inside & lit] = COLOURS[attributes["colour"]]
+        pixels[inside & ~lit] = PATTERN_DARK_RGB
+        image = Image.fromarray(pixels, "RGB")
     if noise_std > 0:
         pixels = np.asarray(image, dtype=np.float32)  # (H, W, 3)
         pixels = pixels + rng.normal(0.0, noise_std, size=pixels.shape)
@@ -383,14 +467,17 @@ def draw_image(attributes: dict, size_px: int, noise_std: float, rng: np.random.
     return image
 
 
-def _random_attributes(rng: np.random.Generator) -> dict:
-    return {
+def _random_attributes(rng: np.random.Generator, patterns: bool = False) -> dict:
+    attributes = {
         "colour": str(rng.choice(list(COLOURS))),
         "shape": str(rng.choice(SHAPES)),
         "size": str(rng.choice(SIZES)),
         "position": str(rng.choice(POSITIONS)),
         "count": int(rng.choice(COUNTS)),
     }
+    if patterns:  # drawn last, so the default dataset's random stream is unchanged
+        attributes[PATTERN_ATTRIBUTE] = str(rng.choice(PATTERNS))
+    return attributes
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,12 +503,12 @@ def _write_flickr(out: Path, config: DemoConfig, np_rng: np.random.Generator, py
     for imgid, split in enumerate(splits):
         near_miss = None
         if previous is not None and previous["split"] == split and np_rng.random() < config.near_miss_fraction:
-            changed = str(np_rng.choice(ATTRIBUTES))
+            changed = str(np_rng.choice(ATTRIBUTES + ((PATTERN_ATTRIBUTE,) if config.patterns else ())))
             attributes = dict(previous["attributes"])
             attributes[changed] = py_rng.choice([v for v in _attribute_values(changed) if v != attributes[changed]])
             near_miss = {"of": previous["imgid"], "changed": changed}
         else:
-            attributes = _random_attributes(np_rng)
+            attributes = _random_attributes(np_rng, config.patterns)
         filename = f"{imgid:06d}.png"
         draw_image(attributes, config.image_size, config.noise_std, np_rng).save(images_dir / filename)
         for lang, entries, captions, tokens, first_sentid in (
@@ -458,7 +545,7 @@ def _write_imagenet(out: Path, config: DemoConfig, np_rng: np.random.Generator) 
         class_dir = base / "val" / wnid
         class_dir.mkdir(parents=True)
         for k in range(config.zero_shot_per_class):
-            attributes = {**_random_attributes(np_rng), "colour": colour, "shape": shape}
+            attributes = {**_random_attributes(np_rng, config.patterns), "colour": colour, "shape": shape}
             draw_image(attributes, config.image_size, config.noise_std, np_rng).save(class_dir / f"{k:04d}.png")
     files = {
         "wnids.txt": [c[0] for c in classes],
@@ -522,7 +609,7 @@ def generate_demo_dataset(root: Path, config: DemoConfig | None = None) -> Path:
         py_rng = random.Random(config.seed)
         _write_flickr(tmp, config, np_rng, py_rng)
         _write_imagenet(tmp, config, np_rng)
-        marker = {"generator_version": GENERATOR_VERSION, "config_hash": digest, "config": dataclasses.asdict(config)}
+        marker = {"generator_version": GENERATOR_VERSION, "config_hash": digest, "config": config.recorded()}
         (tmp / "DONE").write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         old = None
         if root.exists():

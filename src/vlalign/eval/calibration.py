@@ -18,7 +18,8 @@ import torch
 from vlalign.eval.zero_shot import _validate_labels
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict:
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15,
+                               normalized: bool = True) -> dict:
     """ECE of top-1 predictions, with the per-bin data of a reliability diagram.
 
     Args:
@@ -26,6 +27,9 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
             ``softmax(logit_scale * logits)`` first; raw logits are rejected).
         labels: (N,) integer true class of each sample, in [0, C).
         n_bins: number of equal-width confidence bins over [0, 1].
+        normalized: False for independent per-class probabilities, e.g. SigLIP's
+            ``sigmoid(logit_scale * logits + logit_bias)``: each value must lie in [0, 1] but a row need not sum to
+            1. The confidence is still the top class's probability (for a sigmoid: that the image matches it).
 
     Returns:
         A JSON-ready dict:
@@ -36,7 +40,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     """
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}.")
-    probs = _validate_probs(probs)
+    probs = _validate_probs(probs, normalized)
     labels = _validate_labels(labels, probs.shape[1]).to(probs.device)
     if labels.shape[0] != probs.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries but probs has {probs.shape[0]} rows.")
@@ -138,8 +142,9 @@ def agg_figure(figsize: tuple[float, float]):
     return fig
 
 
-def _validate_probs(probs: torch.Tensor) -> torch.Tensor:
-    """Check that ``probs`` is (N, C) of finite rows in [0, 1] summing to 1; return it as float64."""
+def _validate_probs(probs: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+    """Check that ``probs`` is (N, C) of finite rows in [0, 1] summing to 1 (with ``normalized``); return it as
+    float64."""
     if not isinstance(probs, torch.Tensor) or probs.ndim != 2 or 0 in probs.shape:
         shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
         raise ValueError(f"probs must have shape (N samples, C classes) with N, C >= 1, got {shape}.")
@@ -147,6 +152,13 @@ def _validate_probs(probs: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"probs must be a floating-point tensor, got {probs.dtype}.")
     probs = probs.detach().double()
     row_ok = torch.isfinite(probs).all(dim=1) & (probs >= 0).all(dim=1)
+    if not normalized:
+        row_ok &= (probs <= 1).all(dim=1)
+        if not row_ok.all():
+            row = int(torch.nonzero(~row_ok)[0])
+            raise ValueError(f"probs row {row} has values outside [0, 1] (min {float(probs[row].min()):.4g}, max "
+                             f"{float(probs[row].max()):.4g}); pass sigmoid(logits), not raw logits.")
+        return probs
     row_ok &= (probs.sum(dim=1) - 1).abs() <= 1e-3
     if not row_ok.all():
         row = int(torch.nonzero(~row_ok)[0])

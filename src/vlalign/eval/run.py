@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from vlalign.errors import DatasetFormatError
+from vlalign.errors import ConfigError, DatasetFormatError
 from vlalign.eval.calibration import expected_calibration_error
 from vlalign.eval.retrieval import recall_curve_from_ranks, recall_from_ranks, retrieval_chance, retrieval_ranks
 from vlalign.eval.zero_shot import per_class_accuracy, zero_shot_chance, zero_shot_classifier, zero_shot_metrics
@@ -82,12 +82,21 @@ def evaluate_zero_shot(
     templates: list[str],
     lang: str = "en",
     batch_size: int = 256,
+    probabilities: str = "auto",
 ) -> dict[str, Any]:
     """Zero-shot top-1/top-5 and mean per-class recall with prompt-template ensembling, beside chance.
 
-    Class probabilities are ``softmax(logit_scale * cos)``, as the model was trained; their expected
-    calibration error and reliability-diagram data are returned too.
+    Class probabilities come from the loss the model was trained with (``probabilities``):
+
+    * ``softmax``: ``softmax_c(logit_scale * cos_c)``, CLIP's InfoNCE: the classes compete for one unit of mass;
+    * ``sigmoid``: ``sigmoid(logit_scale * cos_c + logit_bias)``, SigLIP's pairwise loss: for each class, the
+      probability that the image matches its (ensembled) prompt, independent of the other classes;
+    * ``auto``: ``sigmoid`` for a model with a learnable logit bias (SigLIP), else ``softmax``.
+
+    Their expected calibration error (top-1 confidence against top-1 accuracy) and reliability-diagram data are
+    returned too. The accuracies use the raw cosines, so they do not depend on this choice.
     """
+    kind = zero_shot_probability_kind(model, probabilities)
     if images.empty:
         raise DatasetFormatError("the zero-shot set has no images.")
     tokenizer = build_tokenizer_for(cfg)
@@ -99,7 +108,10 @@ def evaluate_zero_shot(
     logits = image_emb @ classifier.T  # (N, C) cosine similarities
     labels = torch.as_tensor(images["label"].to_numpy(), dtype=torch.long)  # (N,)
     with torch.no_grad():
-        probs = (model.scale() * logits).softmax(dim=1)  # (N, C)
+        if kind == "sigmoid":
+            probs = torch.sigmoid(model.scale() * logits + model.logit_bias)  # (N, C) independent per class
+        else:
+            probs = (model.scale() * logits).softmax(dim=1)  # (N, C)
     accuracy = per_class_accuracy(logits, labels)  # (C,), NaN where a class has no image
     per_class = {classnames[c]: float(accuracy[c]) for c in range(len(classnames)) if not torch.isnan(accuracy[c])}
     return {
@@ -110,5 +122,23 @@ def evaluate_zero_shot(
         "metrics": zero_shot_metrics(logits, labels),
         "chance": zero_shot_chance(labels, len(classnames)),
         "per_class_accuracy": per_class,
-        "reliability": expected_calibration_error(probs, labels),
+        "probabilities": kind,
+        "reliability": expected_calibration_error(probs, labels, normalized=kind == "softmax"),
     }
+
+
+PROBABILITY_KINDS = ("auto", "softmax", "sigmoid")
+
+
+def zero_shot_probability_kind(model: Any, probabilities: str = "auto") -> str:
+    """``softmax`` or ``sigmoid``: what ``probabilities`` asks for, ``auto`` choosing by the model having a logit bias
+    (a SigLIP-trained model). ``sigmoid`` for a model without a bias is a ConfigError."""
+    if probabilities not in PROBABILITY_KINDS:
+        raise ConfigError(f"zero-shot probabilities={probabilities!r}: expected one of {list(PROBABILITY_KINDS)}.")
+    has_bias = getattr(model, "logit_bias", None) is not None
+    if probabilities == "auto":
+        return "sigmoid" if has_bias else "softmax"
+    if probabilities == "sigmoid" and not has_bias:
+        raise ConfigError("zero-shot probabilities=sigmoid needs a model with a learnable logit bias (SigLIP: "
+                          "init_logit_bias); this model has none. Use softmax or auto.")
+    return probabilities

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from vlalign.merge.checks import check_mergeable
 from vlalign.merge.interpolate import interpolate_state_dicts
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,9 @@ class BetaSweep:
 
 
 def merged_checkpoint(ckpt1: dict[str, Any], ckpt2: dict[str, Any], beta: float, names: Sequence[str] = ("theta1", "theta2")) -> dict[str, Any]:
-    """A self-describing checkpoint holding beta*theta1 + (1-beta)*theta2 (no optimizer state)."""
+    """A self-describing checkpoint holding beta*theta1 + (1-beta)*theta2 (no optimizer state). Checkpoints of
+    different architectures or without a shared initialisation are refused (:func:`vlalign.merge.checks.check_mergeable`)."""
+    check_mergeable([ckpt1, ckpt2], list(names))
     merged = copy.deepcopy({k: v for k, v in ckpt1.items() if k not in ("model", "optimizer", "scheduler")})
     merged["model"] = interpolate_state_dicts(ckpt1["model"], ckpt2["model"], beta, names=tuple(names))
     merged["optimizer"] = None
@@ -46,6 +49,7 @@ def sweep_beta(
     """Score every beta with ``score(merged_checkpoint)`` and return the sweep and the best merged checkpoint."""
     if not betas:
         raise ValueError("merge.betas is empty: give at least one beta in [0, 1], e.g. [0.0, 0.5, 1.0].")
+    check_mergeable([ckpt1, ckpt2], list(names))  # once, before any scoring
     scores: list[dict[str, float]] = []
     best: tuple[float, float, dict[str, Any]] | None = None
     for beta in tqdm(sorted(set(float(b) for b in betas)), desc="beta sweep", unit="beta"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,31 @@ from vlalign.errors import ConfigError
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+#: How a mixed image tower fuses its backbones (``ImageTowerConfig.mix``) and how sub-image views are fused
+#: (``ImageTowerConfig.sub_image_fusion``).
+MIXES = ("pooled", "tokens")
+SUB_IMAGE_FUSIONS = ("concat", "mean")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+
+
+@dataclass
+class BackboneConfig:
+    """One more timm backbone of a mixed image tower (SPHINX mixes e.g. a ViT and a ConvNet). It sees the same
+    pixels as the main backbone (each tile, with sub-images) and is created and loaded like it."""
+
+    name: str = "extra"  # key of its weights: image_tower.backbones.<name>.* (a stage freezes/trains it by that prefix)
+    timm_name: str = "convnext_atto"  # timm architecture name; always created with pretrained=False
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (depths, dims, ...)
+    weights: str | None = None  # local state-dict file (path or "pkg:" spec) loaded after creation; None = random init
+    weights_match: str = "name"  # file key -> model key mapping: "name" (same names) or "position" (same order)
+    mean: list[float] | None = None  # per-channel mean this backbone expects ([0, 1] scale); None = the tower's mean
+    std: list[float] | None = None  # per-channel std this backbone expects; None = the tower's std
+
+
 @dataclass
 class ImageTowerConfig:
-    """A timm image backbone, created from scratch and optionally loaded from a local weights file."""
+    """A timm image backbone, created from scratch and optionally loaded from a local weights file; optionally mixed
+    with more backbones (``extra_backbones``) and fed high-resolution images as sub-images (``sub_images``)."""
 
     timm_name: str = "vit_tiny_patch16_224"  # timm architecture name; always created with pretrained=False
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth, ...)
@@ -35,6 +58,34 @@ class ImageTowerConfig:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel mean on the [0, 1] scale
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel std on the [0, 1] scale
     max_shift: int = 0  # training augmentation: random translation by up to this many pixels (0 = none)
+    extra_backbones: list[BackboneConfig] = field(default_factory=list)  # mixed encoders: more backbones ([] = one)
+    mix: str = "pooled"  # mixed tower: "pooled" = concatenate each backbone's pooled vector; "tokens" = concatenate
+    #                      the spatial tokens along channels after resampling them to the main backbone's grid, then
+    #                      mean-pool. Either way the concatenation is what image_proj projects.
+    sub_images: int = 1  # k > 1: the image (image_size = k * the backbones' input size) is split into k x k tiles
+    #                      plus one downsampled global view, each encoded on its own (1 = off)
+    sub_image_fusion: str = "concat"  # the k*k+1 view vectors: "concat" (then projected by image_proj) or "mean"
+
+    def __post_init__(self) -> None:
+        backbones = []
+        for index, entry in enumerate(self.extra_backbones or []):
+            if isinstance(entry, dict):
+                entry = _from_dict(BackboneConfig, entry, f"image.extra_backbones[{index}]")
+            if not isinstance(entry, BackboneConfig):
+                raise ConfigError(f"image.extra_backbones[{index}]: expected a mapping of BackboneConfig fields "
+                                  f"(name, timm_name, timm_kwargs, weights, ...), got {type(entry).__name__}.")
+            backbones.append(entry)
+        self.extra_backbones = backbones
+
+    @property
+    def tile_size(self) -> int:
+        """Side of what each backbone sees: the image, or one of its k x k tiles (and the global view)."""
+        return self.image_size // max(self.sub_images, 1)
+
+    @property
+    def composite(self) -> bool:
+        """Whether the tower is more than one plain timm backbone (mixed encoders or sub-images)."""
+        return bool(self.extra_backbones) or self.sub_images > 1
 
 
 @dataclass
@@ -87,15 +138,37 @@ class ModelConfig:
             (len(self.image.mean) == 3 and len(self.image.std) == 3, "image.mean/std", "three values each"),
             (all(s > 0 for s in self.image.std), "image.std", "positive values"),
             (self.image.max_shift >= 0, "image.max_shift", "an integer >= 0"),
+            (self.image.sub_images >= 1, "image.sub_images", "an integer >= 1 (1 = no sub-images)"),
             (
-                self.image.timm_kwargs.get("img_size", self.image.image_size) == self.image.image_size,
-                "image.timm_kwargs.img_size",
-                f"equal to image.image_size ({self.image.image_size})",
+                self.image.image_size % max(self.image.sub_images, 1) == 0,
+                "image.image_size",
+                f"a multiple of image.sub_images ({self.image.sub_images}): the image is cut into k x k equal tiles",
             ),
+            (
+                self.image.timm_kwargs.get("img_size", self.image.tile_size) == self.image.tile_size,
+                "image.timm_kwargs.img_size",
+                f"equal to image.image_size / image.sub_images ({self.image.tile_size})",
+            ),
+            (self.image.mix in MIXES, "image.mix", f"one of {list(MIXES)}"),
+            (self.image.sub_image_fusion in SUB_IMAGE_FUSIONS, "image.sub_image_fusion", f"one of {list(SUB_IMAGE_FUSIONS)}"),
             (self.text.pooling in ("cls", "mean"), "text.pooling", '"cls" or "mean"'),
             (self.text.context_length >= 2, "text.context_length", "an integer >= 2"),
             (0.0 <= self.text.dropout < 1.0, "text.dropout", "a float in [0, 1)"),
         ]
+        names = ["main"]
+        for index, backbone in enumerate(self.image.extra_backbones):
+            where = f"image.extra_backbones[{index}]"
+            checks += [
+                (bool(_NAME.fullmatch(backbone.name)) and backbone.name not in names, f"{where}.name",
+                 f"a unique identifier (letters, digits, '_'; not {names})"),
+                (backbone.weights_match in ("name", "position"), f"{where}.weights_match", '"name" or "position"'),
+                (backbone.timm_kwargs.get("img_size", self.image.tile_size) == self.image.tile_size,
+                 f"{where}.timm_kwargs.img_size", f"equal to image.image_size / image.sub_images ({self.image.tile_size})"),
+                (all(v is None or len(v) == 3 for v in (backbone.mean, backbone.std)), f"{where}.mean/std",
+                 "null or three values each"),
+                (backbone.std is None or all(s > 0 for s in backbone.std), f"{where}.std", "positive values"),
+            ]
+            names.append(backbone.name)
         for ok, name, expected in checks:
             if not ok:
                 raise ConfigError(f"model config {self.name!r}: field {name} must be {expected}; fix the config or override.")

@@ -20,22 +20,39 @@ from vlalign.models.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from vlalign.paths import resolve_path
 
 
-def build_image_tower(cfg: ImageTowerConfig, load_weights: bool = True) -> tuple[nn.Module, int]:
-    """Create the timm backbone (no classifier) and return it with its output feature width.
-
-    With ``load_weights`` and ``cfg.weights`` set, the local weights file is loaded into it.
-    """
+def create_backbone(timm_name: str, timm_kwargs: dict, weights: str | None, weights_match: str, load_weights: bool,
+                    where: str = "image tower") -> nn.Module:
+    """One timm backbone without classifier, from scratch, then loaded from its local weights file (if any and
+    ``load_weights``)."""
     try:
-        model = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, **cfg.timm_kwargs)
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(
-            f"image tower: timm cannot create {cfg.timm_name!r} with timm_kwargs={cfg.timm_kwargs} ({exc}). "
+            f"{where}: timm cannot create {timm_name!r} with timm_kwargs={timm_kwargs} ({exc}). "
             "Check the architecture name (timm.list_models()) and its keyword arguments."
         ) from exc
-    if load_weights and cfg.weights:
-        load_image_weights(model, cfg.weights, cfg.weights_match)
-    out_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
-    return model, out_dim
+    if load_weights and weights:
+        load_image_weights(model, weights, weights_match)
+    return model
+
+
+def build_image_tower(cfg: ImageTowerConfig, load_weights: bool = True) -> tuple[nn.Module, int]:
+    """Create the image tower and return it with its output feature width: the timm backbone (no classifier), or,
+    with ``extra_backbones`` or ``sub_images > 1``, a :class:`vlalign.models.mixed.CompositeImageTower`.
+
+    With ``load_weights``, each backbone's local weights file (if set) is loaded into it.
+    """
+    main = create_backbone(cfg.timm_name, cfg.timm_kwargs, cfg.weights, cfg.weights_match, load_weights)
+    if not cfg.composite:
+        return main, int(getattr(main, "head_hidden_size", None) or main.num_features)
+    from vlalign.models.mixed import CompositeImageTower
+
+    backbones = {"main": main}
+    for index, extra in enumerate(cfg.extra_backbones):
+        backbones[extra.name] = create_backbone(extra.timm_name, extra.timm_kwargs, extra.weights, extra.weights_match,
+                                                load_weights, f"image.extra_backbones[{index}] ({extra.name})")
+    tower = CompositeImageTower(cfg, backbones)
+    return tower, tower.num_features
 
 
 def _read_state_dict(spec: str) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -106,7 +123,10 @@ def image_tower_outputs(tower: nn.Module, pixels: torch.Tensor) -> tuple[torch.T
 
     Returns ``(tokens, pooled)``: tokens (B, T, C) are the backbone's final feature tokens (a ViT's prefix + patch
     tokens; a ConvNet's feature map flattened to h*w tokens), pooled (B, C) is exactly what ``tower(pixels)`` returns.
+    A composite tower (:mod:`vlalign.models.mixed`) gives its fused tokens and pooled vector the same way.
     """
+    if hasattr(tower, "outputs"):  # a composite tower (mixed backbones, sub-images): vlalign.models.mixed
+        return tower.outputs(pixels)
     features = tower.forward_features(pixels)  # (B, T, C) for a ViT, (B, C, h, w) for a ConvNet
     pooled = tower.forward_head(features, pre_logits=True)  # (B, C)
     tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features  # (B, T, C)

@@ -39,6 +39,8 @@ def register_objective(name: str, options: type) -> Callable[[type[Objective]], 
 def _load_builtin() -> None:
     import vlalign.objectives.clip  # noqa: F401  (registers "clip")
     import vlalign.objectives.albef  # noqa: F401  (registers "albef" and "blip")
+    import vlalign.objectives.daa  # noqa: F401  (registers "daa")
+    import vlalign.objectives.siglip  # noqa: F401  (registers "siglip")
 
 
 def list_objectives() -> list[str]:

@@ -257,6 +257,10 @@ def train_stage(
     elif init is not None:
         check_checkpoint(init, "init checkpoint")
         _load_weights(model, init["model"], f"init checkpoint of stage {init['stage_config'].get('name')!r}")
+    # the weights this stage started from, for merging (vlalign.merge.checks): the init checkpoint's, else the fresh
+    # weights before the first step (kept from the checkpoint on resume)
+    start_sha = inputs["init_weights_sha256"] or (resume.get("start_weights_sha256") if resume is not None
+                                                  else weights_fingerprint({"model": model.state_dict()}))
     trainable = set_trainable(model, stage.trainable)
     if stage.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -315,6 +319,7 @@ def train_stage(
             "completed": completed,
             "history": list(history),
             "inputs": inputs,
+            "start_weights_sha256": start_sha,
             "data": source.describe(),
             "world_size": dist.world_size,
         }

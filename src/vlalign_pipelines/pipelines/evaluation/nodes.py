@@ -21,7 +21,8 @@ from vlalign.train.checkpoint import as_checkpoint
 
 
 SUMMARY_KEYS = ("dataset", "split", "language", "n_images", "n_captions", "n_classes", "n_templates",
-                "n_pairs", "n_pairs_per_attribute", "k_test", "metrics", "itc_metrics", "chance", "ratio_to_chance")
+                "n_pairs", "n_pairs_per_attribute", "k_test", "metrics", "itc_metrics", "chance", "ratio_to_chance",
+                "calibration")
 
 
 def build_probe_pairs(probe_source: dict[str, Any], manifest: pd.DataFrame, params: dict[str, Any]) -> list[list[str]]:
@@ -67,8 +68,11 @@ def evaluate_model(
                           f"{sorted(zero_shot_set['classnames'])} and templates in {sorted(zero_shot_set['templates'])}; "
                           "add that language to the zero_shot_set catalog entry or set zero_shot_lang.")
     blocks["zero_shot"] = evaluate_zero_shot(model, model.config, zero_shot_set["images"], zero_shot_set["classnames"][lang],
-                                             zero_shot_set["templates"][lang], lang=lang, batch_size=params["batch_size"])
+                                             zero_shot_set["templates"][lang], lang=lang, batch_size=params["batch_size"],
+                                             probabilities=params.get("zero_shot_probabilities", "auto"))
     blocks["zero_shot"]["dataset"] = params["zero_shot_dataset"]
+    blocks["zero_shot"]["calibration"] = {"probabilities": blocks["zero_shot"]["probabilities"],
+                                          "ece": blocks["zero_shot"]["reliability"]["ece"]}
     compositional = compositional_probe(model, model.config, [tuple(p) for p in probe_pairs], params["batch_size"])
     if compositional:  # skipped on corpora without per-image attributes
         blocks["compositional"] = {"dataset": params["retrieval_dataset"], "split": params["split"], "language": "en",
@@ -120,8 +124,9 @@ def write_report(details: dict[str, Any], params: dict[str, Any]) -> dict[str, s
             }
         elif name == "zero_shot":
             sections[f"{block['dataset']} zero-shot ({block['language']})"] = {
-                **{k: v for k, v in block.items() if k != "ratio_to_chance"},
-                "description": f"Prompt-template ensembling over {block['n_templates']} templates.",
+                **{k: v for k, v in block.items() if k not in ("ratio_to_chance", "calibration")},
+                "description": f"Prompt-template ensembling over {block['n_templates']} templates. Class probabilities "
+                f"(for the ECE): {block.get('probabilities', 'softmax')}.",
             }
         elif name == "compositional":
             per_attribute = ", ".join(f"{a}: {n}" for a, n in block["n_pairs_per_attribute"].items())

@@ -41,6 +41,7 @@ def stage_pipeline(stage: StagePlan) -> Pipeline:
 
 def create_pipeline(**kwargs) -> Pipeline:
     """The shard step, then every stage of the recipe (``stages=[...]`` builds a plain chain, for tests)."""
+    recipe = None
     if kwargs.get("stages"):
         names = list(kwargs["stages"])
         stages = [StagePlan(n, init=names[k - 1] if k else None) for k, n in enumerate(names)]
@@ -52,6 +53,10 @@ def create_pipeline(**kwargs) -> Pipeline:
         stages = recipe.stages
         capfilt = capfilt_for_plan(recipe)  # e.g. blip: caption + filter after a stage; a later stage trains on it
     result = Pipeline([node(training_rows, inputs="clean_manifest", outputs="train_shards", name="write_training_shards")])
+    if recipe is not None:  # more training data that recipe sections ask for (synthetic captions)
+        from .synthetic import synthetic_data_pipeline
+
+        result += synthetic_data_pipeline(recipe)
     for stage in stages:
         result += stage_pipeline(stage)
     return result + capfilt
