@@ -167,13 +167,15 @@ def test_dvc_outs_are_the_default_run_outputs(monkeypatch: pytest.MonkeyPatch) -
     catalog, params, _ = load(None)
     stages = stage_names(conf_source=CONF)
     written = set()
-    recipe_only = {name for name, entry in catalog.items()
-                   if isinstance(entry, dict) and ((entry.get("metadata") or {}).get("vlalign") or {}).get("recipes")}
+    # written only by the recipes (`recipes`) or pipelines (`pipelines`) that an entry's metadata names
+    not_default = {name for name, entry in catalog.items() if isinstance(entry, dict)
+                   and {"recipes", "pipelines"} & set(((entry.get("metadata") or {}).get("vlalign") or {}))}
+    assert {"capfilt_shards", "synthetic_shards", "retrain_plan", "audit_report"} <= not_default
     for where, path in outputs_of(catalog, params).items():
         if where.startswith(("evaluate.", "params:evaluate.")):
             continue  # the evaluate pipeline is not a DVC stage
-        if where.split(".")[0] in recipe_only or where.startswith("capfilt_"):
-            continue  # written only by the recipes its metadata names, never by the default run
+        if where.split(".")[0] in not_default:
+            continue  # never written by the default run
         written |= {path.replace("{stage}", s) for s in stages} if "{stage}" in path else {path}
     dvc = {p: where for p, where in _dvc_paths().items() if not p.startswith(RAW)}
 
