@@ -209,6 +209,7 @@ def train_step(
     return totals
 
 
+@torch.no_grad()
 def _model_metrics(model: nn.Module) -> dict[str, float]:
     scale = float(model.scale()) if hasattr(model, "scale") else float("nan")
     metrics = {"temperature": 1.0 / scale, "logit_scale": scale}
