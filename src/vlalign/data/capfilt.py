@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from vlalign.data.synthetic import CaptionerContext, register_captioner
 from vlalign.errors import ConfigError, DatasetFormatError
 
 ORIGINS = ("original", "synthetic")
@@ -104,6 +105,36 @@ def _pixels(rows: pd.DataFrame, transform: Any) -> torch.Tensor:
     return torch.stack(images)  # (b, 3, H, W)
 
 
+def _banned_tokens(tokenizer: Any) -> list[int]:
+    return sorted({tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.mask_token_id, tokenizer.unk_token_id})
+
+
+@torch.no_grad()
+def sample_captions(model: nn.Module, tokenizer: Any, chunk: pd.DataFrame, pixels: torch.Tensor,
+                    image_tokens: torch.Tensor, config: CapFiltConfig, generator: torch.Generator,
+                    banned: list[int] | None = None) -> list[dict[str, Any]]:
+    """``config.synthetic_per_image`` captions per image of ``chunk`` (one row per image; ``pixels`` (b, 3, H, W)
+    and ``image_tokens`` (b, T, C) in the same order), sampled by the caption decoder with nucleus sampling: one
+    manifest-like dict per non-empty caption (``capfilt_origin`` synthetic, ``lang`` from the text)."""
+    repeat = config.synthetic_per_image
+    banned = _banned_tokens(tokenizer) if banned is None else banned
+    ids = model.generate(pixels.repeat_interleave(repeat, 0), tokenizer.cls_token_id, tokenizer.sep_token_id,
+                         tokenizer.pad_token_id, banned, config.max_length, config.min_length, config.top_p,
+                         config.temperature, generator, image_tokens.repeat_interleave(repeat, 0))
+    synthetic = []
+    for k, row in enumerate(ids.tolist()):
+        first = chunk.iloc[k // repeat]
+        text = caption_text(tokenizer, row)
+        if not text:
+            continue  # an empty sample (only special tokens) is no caption
+        synthetic.append({**{c: first[c] for c in ("image_id", "image_path", "image_root", "split")},
+                          "caption": text, "lang": caption_lang(text),
+                          "caption_id": f"capfilt:{first['image_id']}:{k % repeat}",
+                          "source": f"capfilt synthetic caption {k % repeat} of image {first['image_id']}",
+                          "capfilt_origin": "synthetic"})
+    return synthetic
+
+
 @torch.no_grad()
 def run_capfilt(model: nn.Module, cfg: Any, rows: pd.DataFrame, config: CapFiltConfig) -> pd.DataFrame:
     """Every (image, caption) pair of the training ``rows`` and of the sampled captions, with ``capfilt_origin``,
@@ -121,7 +152,7 @@ def run_capfilt(model: nn.Module, cfg: Any, rows: pd.DataFrame, config: CapFiltC
     model.eval()
     tokenizer = build_tokenizer_for(cfg)
     transform = build_transform(cfg, train=False)
-    banned = sorted({tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.mask_token_id, tokenizer.unk_token_id})
+    banned = _banned_tokens(tokenizer)
     generator = torch.Generator().manual_seed(config.seed)
     firsts = rows.drop_duplicates("image_id")
     groups = rows.groupby("image_id", sort=False).indices
@@ -132,21 +163,7 @@ def run_capfilt(model: nn.Module, cfg: Any, rows: pd.DataFrame, config: CapFiltC
         image_tokens = model.image_outputs(pixels)[0]  # (b, T, C)
         frame = pd.concat([rows.iloc[groups[i]] for i in chunk["image_id"]]).assign(capfilt_origin="original")
         if config.synthetic_per_image:
-            repeat = config.synthetic_per_image
-            ids = model.generate(pixels.repeat_interleave(repeat, 0), tokenizer.cls_token_id, tokenizer.sep_token_id,
-                                 tokenizer.pad_token_id, banned, config.max_length, config.min_length, config.top_p,
-                                 config.temperature, generator, image_tokens.repeat_interleave(repeat, 0))
-            synthetic = []
-            for k, row in enumerate(ids.tolist()):
-                first = chunk.iloc[k // repeat]
-                text = caption_text(tokenizer, row)
-                if not text:
-                    continue  # an empty sample (only special tokens) is no caption
-                synthetic.append({**{c: first[c] for c in ("image_id", "image_path", "image_root", "split")},
-                                  "caption": text, "lang": caption_lang(text),
-                                  "caption_id": f"capfilt:{first['image_id']}:{k % repeat}",
-                                  "source": f"capfilt synthetic caption {k % repeat} of image {first['image_id']}",
-                                  "capfilt_origin": "synthetic"})
+            synthetic = sample_captions(model, tokenizer, chunk, pixels, image_tokens, config, generator, banned)
             frame = pd.concat([frame, pd.DataFrame(synthetic)], ignore_index=True)
         text = tokenize(tokenizer, frame["caption"].tolist(), cfg.text.context_length)
         states = model.text_outputs(text["input_ids"], text["attention_mask"])[0]  # (n, L, H)
@@ -248,3 +265,46 @@ def capfilt_html(report: dict[str, Any], title: str = "CapFilt report") -> str:
             f"<title>{esc(title)}</title>\n<style>body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}"
             " table { border-collapse: collapse; margin: 1em 0; } th, td { border: 1px solid #bbb; padding: 0.3em 0.8em; }"
             " tr.dropped td { color: #933; }</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+@register_captioner("blip")
+def blip_captioner(rows: pd.DataFrame, options: dict[str, Any], context: CaptionerContext) -> pd.DataFrame:
+    """A trained BLIP captioner (a fusion checkpoint with a caption decoder, e.g. a `blip` recipe's stage 2) writes the
+    synthetic captions by nucleus sampling, as CapFilt's captioner does. The checkpoint comes from the recipe's
+    ``synthetic.checkpoint`` (a file) or ``synthetic.checkpoint_stage``. Options: ``captions_per_image`` (default 2),
+    ``top_p``, ``temperature``, ``max_length``, ``min_length``, ``batch_size`` (as in the ``capfilt`` section)."""
+    from vlalign.data.transforms import build_transform
+    from vlalign.models.towers import build_tokenizer_for
+    from vlalign.train.checkpoint import model_from_checkpoint
+
+    sampler = {"top_p", "temperature", "max_length", "min_length", "batch_size"}
+    unknown = sorted(set(options) - sampler - {"captions_per_image"})
+    if unknown:
+        raise ConfigError(f"synthetic.options: unknown option(s) {unknown} of the blip captioner; allowed are "
+                          f"{sorted(sampler | {'captions_per_image'})}.")
+    if context.checkpoint is None:
+        raise ConfigError("synthetic.captioner=blip needs a trained BLIP model: set the recipe's synthetic.checkpoint "
+                          "to its final.pt (e.g. data/runs/local/blip/06_models/stage2/final.pt, after `kedro run "
+                          "--params training.recipe=blip`) or synthetic.checkpoint_stage to a stage of this recipe.")
+    model = model_from_checkpoint(context.checkpoint).eval()
+    cfg = model.config
+    if getattr(model, "decoder", None) is None:
+        raise ConfigError(f"synthetic.captioner=blip: the checkpoint's model {cfg.name!r} (arch {cfg.arch!r}) has no "
+                          "caption decoder; use a checkpoint of the blip recipe.")
+    config = CapFiltConfig(synthetic_per_image=int(options.get("captions_per_image", 2)), seed=context.seed,
+                           **{k: options[k] for k in sampler if k in options})
+    tokenizer = build_tokenizer_for(cfg)
+    transform = build_transform(cfg, train=False)
+    generator = torch.Generator().manual_seed(config.seed)
+    firsts = rows.drop_duplicates("image_id")
+    out = []
+    for start in range(0, len(firsts), config.batch_size):
+        chunk = firsts.iloc[start:start + config.batch_size]
+        pixels = _pixels(chunk, transform)
+        for item in sample_captions(model, tokenizer, chunk, pixels, model.image_outputs(pixels)[0], config, generator):
+            first = chunk[chunk["image_id"] == item["image_id"]].iloc[0]
+            k = item["caption_id"].rsplit(":", 1)[1]
+            out.append({**first.to_dict(), "caption": item["caption"], "lang": item["lang"],
+                        "caption_id": f"syn:{item['lang']}:{item['image_id']}:{k}",
+                        "source": f"synthetic:blip:{first['source']}"})
+    return pd.DataFrame(out, columns=list(rows.columns))

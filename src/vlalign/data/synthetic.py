@@ -4,9 +4,10 @@ synthetic ones, then merges the two models).
 A *captioner* turns training rows (the manifest of INTERFACES §1) into rows with synthetic captions: the same
 images, ids and split, new captions, ``caption_id`` prefixed ``syn:`` and ``source`` ``synthetic:<captioner>:...``.
 Captioners are registered by name (:func:`register_captioner`), so a model captioner plugs in without touching the
-pipeline: the BLIP captioner of the ALBEF/BLIP work registers itself as e.g. ``blip`` and reads its model from
-``CaptionerContext.checkpoint`` (the recipe's ``synthetic.checkpoint_stage`` names the stage whose final checkpoint
-the pipeline hands in).
+pipeline: the BLIP captioner (``blip``, :func:`vlalign.data.capfilt.blip_captioner`) reads its model from
+``CaptionerContext.checkpoint`` (the recipe's ``synthetic.checkpoint`` names a checkpoint file, e.g. a ``blip`` run's
+``stage2/final.pt``, or ``synthetic.checkpoint_stage`` a stage of the same recipe whose final checkpoint the pipeline
+hands in).
 
 The built-in captioner, ``template``, needs no model: it writes templated captions from each image's ground-truth
 attributes (only the built-in dataset stores them, ``vlalign.data.demo``), in one fixed terse style unlike the
@@ -37,6 +38,7 @@ class SyntheticConfig:
     options: dict[str, Any] = field(default_factory=dict)  # the captioner's own options
     include_real: bool = False  # keep each image's real captions beside the synthetic ones (a caption mixture)
     checkpoint_stage: str | None = None  # model captioners: the recipe stage whose final checkpoint captions
+    checkpoint: str | None = None  # model captioners: or a checkpoint file (e.g. a blip run's stage2/final.pt)
     seed: int = 0  # seeds the captioner's random choices
 
     @classmethod
@@ -77,8 +79,13 @@ def register_captioner(name: str) -> Callable[[Captioner], Captioner]:
     return decorate
 
 
+def _load_builtin() -> None:
+    import vlalign.data.capfilt  # noqa: F401  (registers "blip", the BLIP captioner)
+
+
 def list_captioners() -> list[str]:
     """Names of the registered captioners."""
+    _load_builtin()
     return sorted(_CAPTIONERS)
 
 
@@ -131,6 +138,7 @@ def _stable(text: Any) -> int:
 
 def synthetic_captions(rows: pd.DataFrame, config: SyntheticConfig, context: CaptionerContext) -> pd.DataFrame:
     """The training rows with synthetic captions (and the real ones too with ``include_real``), same columns."""
+    _load_builtin()
     if config.captioner not in _CAPTIONERS:
         raise ConfigError(f"synthetic.captioner={config.captioner!r} is not registered; the captioners are "
                           f"{list_captioners()} (register one with vlalign.data.synthetic.register_captioner).")

@@ -89,3 +89,31 @@ def test_caption_text_joins_wordpieces_and_chinese() -> None:
     assert caption_text(tokenizer, ids) == "a red circle" and caption_lang("a red circle") == "en"
     zh = tokenizer("红色圆形", add_special_tokens=True)["input_ids"]
     assert caption_text(tokenizer, zh) == "红色圆形" and caption_lang("红色圆形") == "zh"
+
+
+def test_blip_captioner_writes_the_synthetic_training_set(tmp_path) -> None:
+    """SPHINX's synthetic captions from a trained BLIP captioner (a `blip` stage's checkpoint), not templates."""
+    from vlalign.data.synthetic import CaptionerContext, SyntheticConfig, synthetic_captions
+    from vlalign.train import CheckpointStore, StageConfig, train_stage
+
+    cfg = get_model_config("tiny-vit-bert", **TINY, arch="fusion", arch_options={"fusion_layers": 1, "decoder_layers": 1,
+                                                                                 "mlm_head": False})
+    rows = make_manifest(tmp_path / "images")
+    rows = rows[rows["split"] == "train"].reset_index(drop=True)
+    stage = StageConfig(name="blip", max_steps=2, batch_size=8, warmup_steps=1, checkpoint_every=0, objective="blip",
+                        objective_options={"queue_size": 16}, device="cpu")
+    final = train_stage(cfg, stage, rows, None, CheckpointStore(tmp_path / "blip"))
+    config = SyntheticConfig(captioner="blip", options={"captions_per_image": 2, "max_length": 8, "min_length": 2,
+                                                        "batch_size": 5}, seed=3)
+    out = synthetic_captions(rows, config, CaptionerContext(checkpoint=final))
+    assert list(out.columns) == list(rows.columns) and 0 < len(out) <= 2 * rows["image_id"].nunique()
+    assert out["caption_id"].str.startswith("syn:").all() and out["source"].str.startswith("synthetic:blip:").all()
+    assert set(out["image_id"]) <= set(rows["image_id"]) and (out["split"] == "train").all()
+    assert set(out["caption"]).isdisjoint(rows["caption"]) and (out["caption"].str.len() > 0).all()
+    assert (out["lang"] == out["caption"].map(caption_lang)).all()
+    again = synthetic_captions(rows, config, CaptionerContext(checkpoint=final))
+    assert again["caption"].tolist() == out["caption"].tolist()  # seeded sampling
+    dual = train_stage(get_model_config("tiny-vit-bert", **TINY), StageConfig(name="dual", max_steps=1, batch_size=8,
+                       checkpoint_every=0, device="cpu"), rows, None, CheckpointStore(tmp_path / "dual"))
+    with pytest.raises(ConfigError, match="has no caption decoder; use a checkpoint of the blip recipe"):
+        synthetic_captions(rows, config, CaptionerContext(checkpoint=dual))

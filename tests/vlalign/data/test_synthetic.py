@@ -89,7 +89,9 @@ def test_a_registered_captioner_gets_the_checkpoint(corpus) -> None:
 
 def test_errors_name_the_problem(corpus) -> None:
     rows, attributes = corpus
-    with pytest.raises(ConfigError, match=r"synthetic.captioner='blip' is not registered; the captioners are"):
+    with pytest.raises(ConfigError, match=r"synthetic.captioner='nope' is not registered; the captioners are"):
+        synthetic_captions(rows, SyntheticConfig(captioner="nope"), CaptionerContext())
+    with pytest.raises(ConfigError, match=r"synthetic.captioner=blip needs a trained BLIP model: set the recipe's"):
         synthetic_captions(rows, SyntheticConfig(captioner="blip"), CaptionerContext())
     with pytest.raises(DatasetFormatError, match="no ground-truth attributes for image .*only the built-in dataset"):
         synthetic_captions(rows, SyntheticConfig(), CaptionerContext(attributes={}))

@@ -29,9 +29,12 @@ def synthetic_training_rows(clean_manifest: pd.DataFrame, probe_source: dict[str
                             checkpoint: CheckpointRef | None = None) -> pd.DataFrame:
     """The training rows with the captions the recipe's captioner writes (ground-truth attributes from
     ``probe_source`` for the ``template`` captioner; the named stage's checkpoint for model captioners)."""
+    config = synthetic_config(training)
+    if checkpoint is None and config.checkpoint:  # a checkpoint file, e.g. a blip run's stage2/final.pt
+        checkpoint = config.checkpoint
     context = CaptionerContext(attributes=attributes_by_file(probe_source),
                                checkpoint=as_checkpoint(checkpoint) if checkpoint is not None else None)
-    return synthetic_captions(training_rows(clean_manifest), synthetic_config(training), context)
+    return synthetic_captions(training_rows(clean_manifest), config, context)
 
 
 def synthetic_data_pipeline(recipe: RecipePlan) -> Pipeline:
