@@ -106,7 +106,7 @@ def evaluate_zero_shot(
     image_emb = embed_images(model, cfg, images["image_path"].tolist(), images["image_root"].tolist(),
                              batch_size=batch_size)  # (N, D)
     logits = image_emb @ classifier.T  # (N, C) cosine similarities
-    labels = torch.as_tensor(images["label"].to_numpy(), dtype=torch.long)  # (N,)
+    labels = torch.tensor(images["label"].to_numpy(), dtype=torch.long)  # (N,)
     with torch.no_grad():
         if kind == "sigmoid":
             probs = torch.sigmoid(model.scale() * logits + model.logit_bias)  # (N, C) independent per class
