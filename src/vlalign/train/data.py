@@ -131,9 +131,14 @@ class ShardSampleDecoder:
         caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
         image = decode_image(io.BytesIO(sample.image), f"shard sample {sample.key}", self.max_pixels)
         pixels = self.transform.finish(self.transform.prepare(image), generator)  # (3, H, W)
-        tokens = tokenize(self.tokenizer, [caption], self.context_length)
-        return {"pixels": pixels, "input_ids": tokens["input_ids"][0], "attention_mask": tokens["attention_mask"][0],
-                "index": torch.tensor(sample.ordinal)}
+        return {"pixels": pixels, "caption": caption, "index": torch.tensor(sample.ordinal)}
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """A batch of decoded items: the captions tokenized in one tokenizer call (the per-call overhead of the
+        tokenizer is most of its cost at caption length), then stacked as :func:`collate_pairs` does."""
+        tokens = tokenize(self.tokenizer, [item["caption"] for item in items], self.context_length)  # (B, L) each
+        return collate_pairs([{"pixels": item["pixels"], "input_ids": ids, "attention_mask": mask, "index": item["index"]}
+                              for item, ids, mask in zip(items, tokens["input_ids"], tokens["attention_mask"])])
 
 
 class ShardData(TrainData):
@@ -146,7 +151,7 @@ class ShardData(TrainData):
 
         self.index = index
         self.per_rank_batch = per_rank_batch
-        self.stream = ShardStream(index, decoder, collate_pairs, per_rank_batch, seed=seed, rank=rank,
+        self.stream = ShardStream(index, decoder, decoder.collate, per_rank_batch, seed=seed, rank=rank,
                                   world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer)
         self.num_workers, self.pin_memory = num_workers, pin_memory
 
