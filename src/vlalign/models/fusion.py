@@ -37,7 +37,7 @@ from torch import nn
 from vlalign.errors import ConfigError
 from vlalign.models.config import ModelConfig
 from vlalign.models.registry import register_arch
-from vlalign.models.towers import build_image_tower, build_text_tower, image_tower_outputs
+from vlalign.models.clip import CLIPModel
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (N, heads, T, head_dim)
 
@@ -258,7 +258,7 @@ def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-class FusionModel(nn.Module):
+class FusionModel(CLIPModel):
     """Dual towers for ITC plus fusion layers, ITM and MLM heads and a caption decoder (ALBEF / BLIP).
 
     Parameter prefixes: ``image_tower.``, ``text_tower.``, ``image_proj.``, ``text_proj.``, ``logit_scale`` (as the
@@ -267,17 +267,10 @@ class FusionModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, load_pretrained: bool = True,
                  options: FusionOptions | None = None) -> None:
-        super().__init__()
+        super().__init__(cfg, vocab_size, load_pretrained)  # towers, projections, logit scale (and bias)
         options = options or FusionOptions()
-        self.config, self.options = cfg, options
-        self.image_tower, image_dim = build_image_tower(cfg.image, load_weights=load_pretrained)
-        self.text_tower = build_text_tower(cfg.text, vocab_size, load_weights=load_pretrained)
-        self.image_proj = nn.Linear(image_dim, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(self.text_tower.output_dim, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))  # () log of the inverse temperature
-        self.max_log_scale = math.log(cfg.max_logit_scale)
-        if cfg.init_logit_bias is not None:
-            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))  # () SigLIP's learnable bias
+        self.options = options
+        image_dim = self.image_proj.in_features
         transformer_cfg = self.text_tower.transformer.config
         width, heads = self.text_tower.output_dim, int(transformer_cfg.num_attention_heads)
         words = self.text_tower.transformer.get_input_embeddings()  # (V, H) shared by the MLM and LM heads
@@ -290,51 +283,11 @@ class FusionModel(nn.Module):
             if module is not None:
                 module.apply(lambda m: _init_new(m, words.weight))
 
-    # ----- the dual-encoder surface (evaluation, merging, serving) -----
-
-    def image_outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) pixels -> ``(tokens (B, T, C), pooled (B, C))`` of the image tower."""
-        return image_tower_outputs(self.image_tower, pixels)
+    # ----- the dual-encoder surface (evaluation, merging, serving) is CLIPModel's -----
 
     def text_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) ids and mask -> ``(tokens (B, L, H), pooled (B, H))`` of the text-only layers."""
         return self.text_tower.outputs(input_ids, attention_mask)
-
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """(B, 3, H, W) normalised pixels -> (B, D) image embeddings (unit length if ``normalize``)."""
-        features = self.image_proj(self.image_outputs(pixels)[1])  # (B, D)
-        return F.normalize(features, dim=-1) if normalize else features
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """(B, L) token ids and mask -> (B, D) text embeddings of the unimodal text encoder."""
-        features = self.text_proj(self.text_tower(input_ids, attention_mask))  # (B, D)
-        return F.normalize(features, dim=-1) if normalize else features
-
-    def scale(self) -> torch.Tensor:
-        """exp(logit_scale) clamped at ``max_logit_scale``: the inverse temperature 1/tau, shape ()."""
-        return self.logit_scale.clamp(max=self.max_log_scale).exp()
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing in the towers."""
-        self.image_tower.set_grad_checkpointing(enable)
-        self.text_tower.set_grad_checkpointing(enable)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The dual encoder's outputs (normalised ITC features, logit scale) and the token-level outputs that the
-        fusion objectives feed to :meth:`fuse`, :meth:`itm_logits`, :meth:`mlm_logits` and the decoder."""
-        image_tokens, image_pooled = self.image_outputs(batch["pixels"])  # (B, T, C), (B, C)
-        text_tokens, text_pooled = self.text_outputs(batch["input_ids"], batch["attention_mask"])  # (B, L, H), (B, H)
-        out = {
-            "image_features": F.normalize(self.image_proj(image_pooled), dim=-1),  # (B, D)
-            "text_features": F.normalize(self.text_proj(text_pooled), dim=-1),  # (B, D)
-            "logit_scale": self.scale(),  # ()
-            "image_tokens": image_tokens,  # (B, T, C)
-            "text_tokens": text_tokens,  # (B, L, H)
-            "text_mask": batch["attention_mask"],  # (B, L)
-        }
-        if hasattr(self, "logit_bias"):
-            out["logit_bias"] = self.logit_bias  # ()
-        return out
 
     # ----- fusion and heads -----
 

@@ -47,22 +47,33 @@ def gather_features(x: torch.Tensor, context: ObjectiveContext, with_grad: bool)
     return torch.cat([gathered[:offset], x, gathered[offset + x.shape[0]:]]), offset
 
 
-@register_objective("clip", options=ClipOptions)
-class ClipObjective(Objective):
-    """Symmetric InfoNCE over the (gathered) batch."""
+class ContrastiveObjective(Objective):
+    """Base of the contrastive objectives (clip, siglip, daa): options kept, features gathered across ranks."""
 
     coupled_keys = ("image_features", "text_features")
 
-    def __init__(self, options: ClipOptions, context: ObjectiveContext) -> None:
+    def __init__(self, options: Any, context: ObjectiveContext) -> None:
         super().__init__(context)
         self.options = options
+
+    def features(self, out: dict[str, torch.Tensor], gather_images: bool = True) -> tuple[torch.Tensor, ...]:
+        """``(image (n, D), text (n, D), scale (), image_all (N, D) or None, text_all (N, D), row offset)``: this
+        rank's normalised features and the global batch's, gathered with or without gradient per the options."""
+        image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        with_grad = self.options.gather_with_grad
+        text_all, offset = gather_features(text, self.context, with_grad)
+        image_all = gather_features(image, self.context, with_grad)[0] if gather_images else None
+        return image, text, scale, image_all, text_all, offset
+
+
+@register_objective("clip", options=ClipOptions)
+class ClipObjective(ContrastiveObjective):
+    """Symmetric InfoNCE over the (gathered) batch."""
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         from vlalign.losses.select import contrastive_loss
 
-        image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]  # (n, D), (n, D), ()
-        image_all, offset = gather_features(image, self.context, self.options.gather_with_grad)  # (N, D)
-        text_all, _ = gather_features(text, self.context, self.options.gather_with_grad)  # (N, D)
+        image, text, scale, image_all, text_all, offset = self.features(out)  # (n, D) x2, (), (N, D) x2, int
         if self.options.local_loss or not self.context.dist.distributed:
             rows = (image, text, offset)
         else:  # every rank computes the whole N x N loss (DDP averages the identical results)

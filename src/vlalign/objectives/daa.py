@@ -27,8 +27,7 @@ from typing import Any
 import torch
 
 from vlalign.errors import ConfigError
-from vlalign.objectives.base import Objective, ObjectiveContext
-from vlalign.objectives.clip import gather_features
+from vlalign.objectives.clip import ContrastiveObjective
 from vlalign.objectives.registry import register_objective
 from vlalign.objectives.siglip import check_loss_impl
 
@@ -50,22 +49,14 @@ class DaaOptions:
 
 
 @register_objective("daa", options=DaaOptions)
-class DaaObjective(Objective):
+class DaaObjective(ContrastiveObjective):
     """Weighted symmetric InfoNCE with weights from the distance of each image to the batch's mean text."""
-
-    coupled_keys = ("image_features", "text_features")
-
-    def __init__(self, options: DaaOptions, context: ObjectiveContext) -> None:
-        super().__init__(context)
-        self.options = options
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         from vlalign.losses.functional import daa_weights
         from vlalign.losses.select import contrastive_loss
 
-        image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]  # (n, D), (n, D), ()
-        image_all, offset = gather_features(image, self.context, self.options.gather_with_grad)  # (N, D)
-        text_all, _ = gather_features(text, self.context, self.options.gather_with_grad)  # (N, D)
+        image, text, scale, image_all, text_all, offset = self.features(out)  # (n, D) x2, (), (N, D) x2, int
         weights = daa_weights(image_all.detach(), text_all.detach(), self.options.temperature)  # (N,) global
         rows = weights[offset:offset + image.shape[0]]  # (n,) this rank's slice
         loss = contrastive_loss(

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from vlalign.errors import ConfigError
-from vlalign.objectives.base import Objective, ObjectiveContext
-from vlalign.objectives.clip import gather_features
+from vlalign.objectives.clip import ContrastiveObjective
 from vlalign.objectives.registry import register_objective
 
 LOSS_IMPLS = ("auto", "naive", "tiled", "triton")
@@ -63,21 +62,14 @@ def logit_bias_of(out: dict[str, torch.Tensor], objective: str) -> torch.Tensor:
 
 
 @register_objective("siglip", options=SiglipOptions)
-class SiglipObjective(Objective):
+class SiglipObjective(ContrastiveObjective):
     """Pairwise sigmoid loss over the local images against the gathered texts."""
-
-    coupled_keys = ("image_features", "text_features")
-
-    def __init__(self, options: SiglipOptions, context: ObjectiveContext) -> None:
-        super().__init__(context)
-        self.options = options
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         from vlalign.losses.select import contrastive_loss
 
         bias = logit_bias_of(out, "siglip")  # ()
-        image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]  # (n, D), (n, D), ()
-        text_all, offset = gather_features(text, self.context, self.options.gather_with_grad)  # (N, D)
+        image, _, scale, _, text_all, offset = self.features(out, gather_images=False)  # (n, D), (), (N, D), int
         loss = contrastive_loss(
             "siglip", self.options.loss_impl, image_rows=image, text_cols=text_all, logit_scale=scale,
             logit_bias=bias, row_offset=offset, tile=self.options.tile, tiled_threshold=self.options.tiled_threshold,
