@@ -283,9 +283,13 @@ class ShardIndexDataset(AbstractDataset[pd.DataFrame, Any]):
 
         return ShardIndex.load(self._path)
 
-    def save(self, data: pd.DataFrame) -> None:
-        from vlalign.data.shards import write_shards
+    def save(self, data: pd.DataFrame | list) -> None:
+        """A manifest is written as shards; a list of ``(ShardIndex, weight)`` as their mixture."""
+        from vlalign.data.shards import mix_shards, write_shards
 
+        if isinstance(data, list):
+            mix_shards(data, self._path, max_samples=self._max_samples, max_bytes=self._max_mib << 20)
+            return
         write_shards(data, self._path, split="train", max_samples=self._max_samples, max_bytes=self._max_mib << 20,
                      seed=self._seed)
 

@@ -37,6 +37,7 @@ class StagePlan:
     name: str  # the stage's name and Kedro namespace
     data: str = DEFAULT_DATA  # catalog dataset of the shards it trains on
     init: str | None = None  # the stage whose final checkpoint it starts from (None: fresh weights)
+    mixture: tuple[tuple[str, int], ...] = ()  # several shard datasets with integer weights: data = <name>.mixed_shards
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,21 @@ def resolved_training(training: dict[str, Any], recipe: str | None = None) -> di
     return {"recipe": name, "stages": resolve_stages(training, name)}
 
 
+def _stage_data(value: Any, where: str, stage: str) -> tuple[str, tuple[tuple[str, int], ...]]:
+    """A stage's ``data``: one catalog dataset of shards (``train_shards``), or a mixture of several, as a list
+    (``[train_shards, synthetic_shards]``: each once) or a mapping to integer weights (``{train_shards: 1,
+    synthetic_shards: 2}``: how many times each one's samples enter the mixture, written as ``<stage>.mixed_shards``)."""
+    if isinstance(value, str):
+        return value, ()
+    if isinstance(value, list):
+        value = {name: 1 for name in value} if len(set(map(str, value))) == len(value) else value
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in value.values()):
+        return f"{stage}.mixed_shards", tuple((k, int(w)) for k, w in value.items())
+    raise ConfigError(f"{where}={value!r}: expected a catalog dataset of shards (e.g. train_shards), a list of distinct "
+                      "ones, or a mapping of them to integer weights >= 1 (e.g. {train_shards: 1, synthetic_shards: 2}).")
+
+
 def plan(training: dict[str, Any], recipe: str | None = None) -> RecipePlan:
     """The pipeline shape of the recipe: stages with their data and init, the merge pair, extra sections."""
     name, body = _recipe(training, recipe)
@@ -133,7 +149,9 @@ def plan(training: dict[str, Any], recipe: str | None = None) -> RecipePlan:
         if init is not None and init not in names[:k]:
             raise ConfigError(f"training.recipes.{name}.stages[{k}].init={init!r}: expected an earlier stage "
                               f"of the recipe ({names[:k]}) or null.")
-        stages.append(StagePlan(entry["name"], entry.get("data", DEFAULT_DATA), init))
+        data, mixture = _stage_data(entry.get("data", DEFAULT_DATA), f"training.recipes.{name}.stages[{k}].data",
+                                    entry["name"])
+        stages.append(StagePlan(entry["name"], data, init, mixture))
     merge = body.get("merge") or {}
     pair = (merge.get("theta1", names[-1]), merge.get("theta2", names[-2] if len(names) > 1 else names[-1]))
     for stage in pair:

@@ -77,3 +77,14 @@ def test_recipes_combine_with_the_environments(env: str, recipe: str) -> None:
     for stage in resolve_stages(params["training"], recipe):
         StageConfig.from_dict({**stage, "caption_langs": ["en"]})
     assert plan(params["training"], recipe).name == recipe
+
+
+def test_stage_data_is_a_dataset_a_list_or_weights() -> None:
+    training = {"recipes": {"r": {"stages": [{"name": "a"}, {"name": "b", "data": ["train_shards", "extra"]},
+                                             {"name": "c", "data": {"train_shards": 2}}]}}}
+    stages = plan(training, "r").stages
+    assert [(s.data, s.mixture) for s in stages] == [("train_shards", ()), ("b.mixed_shards", (("train_shards", 1), ("extra", 1))),
+                                                      ("c.mixed_shards", (("train_shards", 2),))]
+    training["recipes"]["r"]["stages"][1]["data"] = {"train_shards": 0}
+    with pytest.raises(ConfigError, match=r"training.recipes.r.stages\[1\].data=.*integer weights >= 1"):
+        plan(training, "r")

@@ -95,3 +95,30 @@ def test_sphinx_recipe(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert soup["merge"]["soup"] == kind and soup["merge"]["sources"] == kinds[kind]["ingredients"]
     assert (data / "08_reporting" / "merge_plot.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((data / "08_reporting" / "metrics.json").read_text())["model"]["merge_beta"] == sweep["best_beta"]
+
+
+def test_a_stage_trains_on_a_weighted_mixture_of_shard_sets(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`data: {train_shards: 1, synthetic_shards: 2}`: the stage's mixture is written once as its own shard set."""
+    import yaml
+
+    conf = project / "conf" / "test" / "parameters_training.yml"
+    params = yaml.safe_load(conf.read_text())
+    params["training"]["recipes"]["mixture"] = {
+        "synthetic": {"captioner": "template", "options": {"captions_per_image": 1}},
+        "stages": [{"name": "real"}, {"name": "mixed", "data": {"train_shards": 1, "synthetic_shards": 2}}],
+    }
+    conf.write_text(yaml.safe_dump(params))
+    data = run_recipe(project, "mixture", monkeypatch)
+    shards = data / "05_model_input" / "shards"
+    index = {name: json.loads((shards / name / "shards.json").read_text()) for name in ("train", "synthetic", "mixed_mixture")}
+    assert index["mixed_mixture"]["n_samples"] == index["train"]["n_samples"] + 2 * index["synthetic"]["n_samples"]
+    captions = []
+    for shard in index["mixed_mixture"]["shards"]:
+        with tarfile.open(shards / "mixed_mixture" / shard["name"]) as tar:
+            captions += [c for m in tar.getmembers() if m.name.endswith(".json")
+                         for c in json.loads(tar.extractfile(m).read())["captions"]["en"]]
+    synthetic = [c for c in captions if c.startswith("a photo of")]
+    assert len(synthetic) == 2 * index["synthetic"]["n_samples"] and len(captions) > len(synthetic)
+    spec = json.loads((data / "06_models" / "mixed" / "spec.json").read_text())
+    assert spec["data"].endswith("shards/mixed_mixture") and spec["init"].endswith("real/final.pt")
+    assert load_checkpoint(data / "06_models" / "mixed" / "final.pt")["completed"]

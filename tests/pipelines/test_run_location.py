@@ -174,7 +174,7 @@ def test_dvc_outs_are_the_default_run_outputs(monkeypatch: pytest.MonkeyPatch) -
     for where, path in outputs_of(catalog, params).items():
         if where.startswith(("evaluate.", "params:evaluate.")):
             continue  # the evaluate pipeline is not a DVC stage
-        if where.split(".")[0] in not_default:
+        if any(where == name or where.startswith(name + ".") for name in not_default):
             continue  # never written by the default run
         written |= {path.replace("{stage}", s) for s in stages} if "{stage}" in path else {path}
     dvc = {p: where for p, where in _dvc_paths().items() if not p.startswith(RAW)}

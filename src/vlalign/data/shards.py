@@ -56,7 +56,7 @@ import re
 import tarfile
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -411,22 +411,38 @@ def write_shards(
     order = np.random.default_rng(seed).permutation(len(samples))
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    index_path = out_dir / INDEX_NAME
 
+    def members() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+        for position in order.tolist():
+            sample = samples[position]
+            ext, image = _image_member(sample, max_image_pixels)
+            meta = {"image_id": sample["image_id"], "captions": sample["captions"],
+                    "caption_ids": sample["caption_ids"], "source": sample["source"]}
+            yield f"{sample['row']}: image {sample['path']}", [(ext, image), ("json", _meta_bytes(meta))]
+
+    shards = _pack(members(), out_dir, split, max_samples, max_bytes)
+    index = ShardIndex(split=split, n_samples=len(samples), langs=langs, shards=shards,
+                       source_fingerprint=fingerprint, location=str(out_dir))
+    return _publish(index, out_dir)
+
+
+def _meta_bytes(meta: dict) -> bytes:
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _pack(samples: Iterable[tuple[str, list[tuple[str, bytes]]]], out_dir: Path, split: str, max_samples: int,
+          max_bytes: int) -> list[ShardInfo]:
+    """Write ``(what, [(ext, bytes), ...])`` samples as shards with keys counting from 0, each shard closing at
+    ``max_samples`` samples or before it would pass ``max_bytes``; returns their entries in order."""
     shards: list[ShardInfo] = []
     builder = _ShardBuilder()
-    for ordinal, position in enumerate(order.tolist()):
-        sample = samples[position]
-        ext, image = _image_member(sample, max_image_pixels)
-        meta = {"image_id": sample["image_id"], "captions": sample["captions"],
-                "caption_ids": sample["caption_ids"], "source": sample["source"]}
-        meta_bytes = json.dumps(meta, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    for ordinal, (what, parts) in enumerate(samples):
         key = _key(ordinal)
-        members = sorted([(f"{key}.{ext}", image), (f"{key}.json", meta_bytes)])  # key order, then extension
+        members = sorted((f"{key}.{ext}", data) for ext, data in parts)  # key order, then extension
         chunk = b"".join(_tar_member(name, data) for name, data in members)
         if _archive_size(len(chunk)) > max_bytes:
-            raise ConfigError(f"{sample['row']}: image {sample['path']} takes {len(chunk):,} bytes in a shard, more "
-                              f"than max_bytes={max_bytes:,}; raise max_bytes.")
+            raise ConfigError(f"{what} takes {len(chunk):,} bytes in a shard, more than max_bytes={max_bytes:,}; "
+                              "raise max_bytes.")
         if builder.n_samples and (builder.n_samples >= max_samples
                                   or _archive_size(builder.content + len(chunk)) > max_bytes):
             shards.append(builder.finish(out_dir, split, len(shards)))
@@ -434,16 +450,56 @@ def write_shards(
         builder.chunks.append(chunk)
         builder.content += len(chunk)
         builder.n_samples += 1
+    if not builder.n_samples and not shards:
+        raise DatasetFormatError(f"{out_dir}: no samples to write as shards.")
     shards.append(builder.finish(out_dir, split, len(shards)))
+    return shards
 
-    index = ShardIndex(split=split, n_samples=len(samples), langs=langs, shards=shards,
-                       source_fingerprint=fingerprint, location=str(out_dir))
+
+def _publish(index: ShardIndex, out_dir: Path) -> ShardIndex:
+    """Write ``shards.json`` last (unless identical), then remove the previous index's and stray shard files."""
+    index_path = out_dir / INDEX_NAME
     previous = _previous_shard_names(index_path)
     text = index.to_json().encode("utf-8")
     if not (index_path.is_file() and index_path.read_bytes() == text):
         index.save(index_path)
-    _remove_stale(out_dir, {s.name for s in shards}, previous)
+    _remove_stale(out_dir, {s.name for s in index.shards}, previous)
     return index
+
+
+def mix_shards(sources: Sequence[tuple[ShardIndex, int]], out_dir: str | Path, *, max_samples: int = 1000,
+               max_bytes: int = 256 << 20) -> ShardIndex:
+    """A stage's training mixture: the samples of several shard sets (each ``repeat`` times: integer weights) as
+    one content-addressed shard set in ``out_dir``, with keys renumbered; the stream shuffles shards and samples
+    across the sources as within one set. Samples are copied unchanged (image bytes and captions), so an image in
+    two sources (real and synthetic captions) is two samples. All sources must hold the same split."""
+    sources = [(index, int(repeat)) for index, repeat in sources]
+    if not sources or any(repeat < 1 for _, repeat in sources):
+        raise ConfigError(f"mix_shards: {[(i.location, r) for i, r in sources]}; expected at least one shard set, each "
+                          "with an integer weight >= 1 (how many times its samples enter the mixture).")
+    splits = sorted({index.split for index, _ in sources})
+    if len(splits) != 1:
+        raise ConfigError(f"mix_shards: the sources hold different splits {splits}; mix shard sets of one split.")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    for index, repeat in sources:
+        digest.update(json.dumps([index.source_fingerprint, [s.sha256 for s in index.shards], repeat]).encode("utf-8"))
+
+    def members() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+        for index, repeat in sources:
+            for _ in range(repeat):
+                starts = index.shard_starts()
+                for k, shard in enumerate(index.shards):
+                    for sample in iter_shard(index.shard_url(shard), int(starts[k]), shard.n_samples):
+                        yield (f"{index.location} sample {sample.key}",
+                               [(sample.image_ext, sample.image), ("json", _meta_bytes(sample.meta))])
+
+    shards = _pack(members(), out_dir, splits[0], max_samples, max_bytes)
+    index = ShardIndex(split=splits[0], n_samples=sum(s.n_samples for s in shards),
+                       langs=sorted({lang for index, _ in sources for lang in index.langs}), shards=shards,
+                       source_fingerprint=digest.hexdigest(), location=str(out_dir))
+    return _publish(index, out_dir)
 
 
 def _previous_shard_names(index_path: Path) -> set[str]:

@@ -496,3 +496,18 @@ def test_webdataset_reads_our_shards(written):
     for t, s in zip(theirs, ours):
         assert {k for k in t if not k.startswith("__")} == {s.image_ext, "json"}
         assert t[s.image_ext] == s.image and json.loads(t["json"]) == s.meta
+
+
+def test_a_mixture_renumbers_and_repeats_the_samples_of_its_sources(written, tmp_path):
+    out = sh.mix_shards([(written, 1), (written, 2)], tmp_path / "mix", max_samples=5)
+    assert out.n_samples == 3 * written.n_samples and out.split == written.split and out.langs == written.langs
+    mixed = [s for shard in out.shards for s in sh.iter_shard(out.shard_url(shard))]
+    source = [s for shard in written.shards for s in sh.iter_shard(written.shard_url(shard))]
+    assert [s.ordinal for s in mixed] == list(range(out.n_samples))  # keys count up through the new set
+    assert [(s.image, s.meta) for s in mixed] == [(s.image, s.meta) for s in source] * 3
+    assert sh.ShardIndex.load(tmp_path / "mix") == out  # written, content-addressed, loads back
+    again = sh.mix_shards([(written, 1), (written, 2)], tmp_path / "mix", max_samples=5)
+    assert again == out and again.source_fingerprint != sh.mix_shards([(written, 1)], tmp_path / "one").source_fingerprint
+    with pytest.raises(ConfigError, match="integer weight >= 1"):
+        sh.mix_shards([(written, 0)], tmp_path / "bad")
+

@@ -40,6 +40,12 @@ def stage_spec(shards: Any, stage_dir: str, model: dict[str, Any], training: dic
                      init=init.path if init is not None else None, mlflow=tracking_context())
 
 
+def mix_training_data(*sources: Any, weights: list[int]) -> list[tuple[Any, int]]:
+    """The shard sets a stage lists as its ``data``, with their weights; the catalog dataset
+    ``<stage>.mixed_shards`` writes them as one shard set (:func:`vlalign.data.shards.mix_shards`)."""
+    return list(zip(sources, weights))
+
+
 def train_one_stage(
     train_data: Any,
     stage_dir: str,

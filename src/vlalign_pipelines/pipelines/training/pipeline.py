@@ -17,7 +17,7 @@ from vlalign_pipelines.settings import CONFIG_LOADER_ARGS, DEFAULT_ENV, RunConfi
 
 from vlalign_pipelines.recipes import StagePlan, project_plan
 
-from .nodes import train_one_stage, training_rows
+from .nodes import mix_training_data, train_one_stage, training_rows
 
 
 def stage_names(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
@@ -30,11 +30,18 @@ def stage_pipeline(stage: StagePlan) -> Pipeline:
     final checkpoint (none: fresh weights)."""
     inputs = ["train_data", "stage_dir", "params:model", "params:training", "params:kubernetes"]
     mapping = {"train_data": stage.data}
+    nodes = []
+    if stage.mixture:  # several shard datasets, mixed with their weights into <stage>.mixed_shards
+        names = [name for name, _ in stage.mixture]
+        mapping = {f"mix_source_{k}": name for k, name in enumerate(names)}
+        mix = update_wrapper(partial(mix_training_data, weights=[w for _, w in stage.mixture]), mix_training_data)
+        nodes.append(node(mix, inputs=list(mapping), outputs="mixed_shards", name="mix_training_data"))
+        inputs[0] = "mixed_shards"
     if stage.init is not None:
         inputs.append("init_checkpoint")
         mapping["init_checkpoint"] = f"{stage.init}.final_checkpoint"
     func = update_wrapper(partial(train_one_stage, stage_name=stage.name), train_one_stage)
-    base = pipeline([node(func, inputs=inputs, outputs="final_checkpoint", name="train")])
+    base = pipeline([*nodes, node(func, inputs=inputs, outputs="final_checkpoint", name="train")])
     return pipeline(base, namespace=stage.name, inputs=mapping,
                     parameters={"params:model", "params:training", "params:kubernetes"})
 
