@@ -1,7 +1,7 @@
 """vlalign's training step against a plain torch loop, on the same model and the same preloaded batches.
 
 Goal (issue 8): vlalign's step >= 0.97x the steps/s of the plain loop. Both run in this process, interleaved
-(plain, vlalign, plain, vlalign, ...) for ``--reps`` repetitions of ``--steps`` steps each, after a warm-up; the
+(plain, vlalign, vlalign, plain, ...: ABBA order) for ``--reps`` repetitions of ``--steps`` steps each, after a warm-up; the
 medians are compared. Two figures: the *step* (the steady-state window from step ``log_every`` to the last step,
 timed the same way in both loops: the goal) and the whole stage (vlalign's also includes building the model,
 hashing the start and final weights, and writing spec.json and final.pt, which the plain loop does not do). The plain loop is what one would write by hand: ``model(batch)``, the CLIP loss,
@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     times = {"plain": [], "vlalign": []}
     windows = {"plain": [], "vlalign": []}
     first, last = stage.log_every, args.steps
-    for _ in range(args.reps):
-        for name, loop in (("plain", plain_loop), ("vlalign", vlalign_loop)):
+    loops = [("plain", plain_loop), ("vlalign", vlalign_loop)]
+    for rep in range(args.reps):
+        for name, loop in (loops if rep % 2 == 0 else loops[::-1]):  # ABBA: neither always runs right after the other
             clock = StepClock()
             times[name].append(loop(cfg, stage, batches, clock))
             windows[name].append(clock.window(first, last))
