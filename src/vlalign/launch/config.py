@@ -43,7 +43,7 @@ class StorageConfig:
 
 @dataclass
 class KubernetesConfig:
-    """How one training stage runs on a cluster (see docs/drafts/kubernetes.md)."""
+    """How one training stage runs on a cluster (see docs/design/kubernetes.md)."""
 
     namespace: str = "vlalign"  # namespace of the jobs (the kustomize base creates it)
     engine: str | None = None  # "job": Indexed Job + Service; "trainjob": Kubeflow Trainer v2; None = the template's

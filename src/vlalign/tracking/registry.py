@@ -31,7 +31,7 @@ tags written atomically with each version): :func:`plan_champion` replays the ga
 order. :func:`reconcile` lists the versions, writes the aliases the plan gives, lists again, and repeats
 while the set of versions changed or an alias differs from the plan. Whichever process writes last has
 listed after the last version was created, so the aliases end on the plan of the complete set, whatever
-the interleaving (argument in docs/drafts/registry.md).
+the interleaving (argument in docs/design/registry.md).
 """
 
 from __future__ import annotations
