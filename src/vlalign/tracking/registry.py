@@ -558,13 +558,35 @@ def _aliases(name: str, client: Any) -> dict[str, int]:
     return {alias: int(version) for alias, version in (client.get_registered_model(name).aliases or {}).items()}
 
 
+#: Server errors that mean another writer changed the same alias at the same moment (the tracking server's alias
+#: write is read-then-insert: two first writes of one alias race to the INSERT, and the loser gets the database's
+#: uniqueness error; a delete can find the alias already gone).
+_ALIAS_CONFLICT = re.compile(r"UNIQUE constraint|IntegrityError|duplicate key|RESOURCE_ALREADY_EXISTS|"
+                             r"RESOURCE_DOES_NOT_EXIST|already exists", re.IGNORECASE)
+
+
+def is_alias_write_conflict(exc: Exception) -> bool:
+    """True when ``exc`` (an MLflow error) says a concurrent writer touched the alias; :func:`reconcile` then
+    re-reads the registry and writes again, so the conflict is harmless."""
+    code = exc.get_error_code() if hasattr(exc, "get_error_code") else getattr(exc, "error_code", "")
+    return _ALIAS_CONFLICT.search(f"{code} {exc}") is not None
+
+
 def _set_alias(client: Any, name: str, alias: str, version: int | None, current: int | None) -> None:
+    from mlflow.exceptions import MlflowException
+
     if version == current:
         return
-    if version is None:
-        client.delete_registered_model_alias(name, alias)
-    else:
-        client.set_registered_model_alias(name, alias, str(version))
+    try:
+        if version is None:
+            client.delete_registered_model_alias(name, alias)
+        else:
+            client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as exc:
+        if not is_alias_write_conflict(exc):
+            raise
+        log.info("registry %s: alias %r was written concurrently (%s); reading the registry again", name, alias,
+                 str(exc).splitlines()[0][:160])
 
 
 @dataclass

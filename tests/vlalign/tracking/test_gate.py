@@ -334,3 +334,19 @@ def test_registered_model_name() -> None:
     assert registered_model_name("my-model", "{model}", "tiny-vit-bert", metrics) == "my-model"
     with pytest.raises(ConfigError, match="registration.name_template"):
         registered_model_name(None, "{family}", "tiny-vit-bert", metrics)
+
+
+def test_only_concurrent_alias_writes_are_tolerated() -> None:
+    """The tracking server's alias write is read-then-insert: the loser of two first writes gets the database's
+    uniqueness error, which reconcile absorbs (it re-reads and writes again); any other error still raises."""
+    from mlflow.exceptions import MlflowException, RestException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST
+
+    from vlalign.tracking.registry import is_alias_write_conflict
+
+    lost_race = RestException({"error_code": "BAD_REQUEST", "message": "(sqlite3.IntegrityError) UNIQUE constraint "
+                               "failed: registered_model_aliases.workspace, registered_model_aliases.name"})
+    assert is_alias_write_conflict(lost_race)
+    assert is_alias_write_conflict(MlflowException("alias gone", error_code=RESOURCE_DOES_NOT_EXIST))
+    assert not is_alias_write_conflict(MlflowException("permission denied", error_code=PERMISSION_DENIED))
+    assert not is_alias_write_conflict(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad version"}))
