@@ -17,6 +17,24 @@ class ConfigError(VLAlignError, ValueError):
     """A configuration value is missing or invalid."""
 
 
+def dataclass_from_mapping(cls: type, data: dict | None, where: str, what: str = "field(s)") -> object:
+    """``cls(**data)`` for a config dataclass, with unknown keys named (``{where}: unknown {what} [...]; allowed
+    are [...]``) and constructor errors turned into :class:`ConfigError`."""
+    import dataclasses
+
+    data = dict(data or {})
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {what} {unknown}; allowed are {sorted(allowed)}.")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, VLAlignError):
+            raise
+        raise ConfigError(f"{where}: invalid {what} {data}: {exc}") from exc
+
+
 class CheckpointError(VLAlignError, ValueError):
     """A checkpoint file is missing, corrupt, or of an unknown format."""
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from vlalign.data.synthetic import CaptionerContext, register_captioner
-from vlalign.errors import ConfigError, DatasetFormatError
+from vlalign.errors import ConfigError, DatasetFormatError, dataclass_from_mapping
 
 ORIGINS = ("original", "synthetic")
 _CJK = "\u3000-\u303f\u4e00-\u9fff\uff00-\uffef"  # CJK ideographs, symbols and full-width punctuation
@@ -71,12 +71,7 @@ class CapFiltConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "capfilt") -> CapFiltConfig:
         """From a recipe's ``capfilt`` mapping, naming unknown keys."""
-        data = dict(data or {})
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed are {sorted(allowed)}.")
-        return cls(**data)
+        return dataclass_from_mapping(cls, data, where, "key(s)")
 
 
 def caption_text(tokenizer: Any, ids: list[int]) -> str:

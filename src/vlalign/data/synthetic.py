@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vlalign.errors import ConfigError, DatasetFormatError
+from vlalign.errors import ConfigError, DatasetFormatError, dataclass_from_mapping
 
 
 @dataclass
@@ -44,12 +44,7 @@ class SyntheticConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "synthetic") -> SyntheticConfig:
         """Build from a recipe section, naming unknown fields."""
-        data = dict(data or {})
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed are {sorted(allowed)}.")
-        return cls(**data)
+        return dataclass_from_mapping(cls, data, where)
 
 
 @dataclass

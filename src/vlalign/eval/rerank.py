@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from vlalign.errors import ConfigError
+from vlalign.errors import ConfigError, dataclass_from_mapping
 from vlalign.eval.retrieval import RetrievalRanks, recall_from_ranks, retrieval_chance, retrieval_ranks
 
 
@@ -49,11 +49,7 @@ class RerankConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> RerankConfig:
         """From the ``evaluation.rerank`` mapping, naming unknown keys."""
-        data = dict(data or {})
-        unknown = sorted(set(data) - {"k_test", "batch_size", "cache"})
-        if unknown:
-            raise ConfigError(f"evaluation.rerank: unknown key(s) {unknown}; allowed are k_test, batch_size, cache.")
-        return cls(**data)
+        return dataclass_from_mapping(cls, data, "evaluation.rerank", "key(s)")
 
 
 @dataclass

@@ -17,14 +17,13 @@ rebuilds through :func:`build_model`, so loading dispatches on the arch.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from vlalign.errors import ConfigError
+from vlalign.errors import ConfigError, dataclass_from_mapping
 
 
 @dataclass(frozen=True)
@@ -73,11 +72,7 @@ def arch_options(name: str, options: dict[str, Any] | None) -> Any:
         if options:
             raise ConfigError(f"model arch {name!r} takes no arch_options, got {sorted(options)}.")
         return None
-    allowed = {f.name for f in dataclasses.fields(entry.options)}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ConfigError(f"model arch {name!r}: unknown arch_options {unknown}; allowed are {sorted(allowed)}.")
-    return entry.options(**options)
+    return dataclass_from_mapping(entry.options, options, f"model arch {name!r}", "arch_options")
 
 
 def build_model(cfg: Any, load_pretrained: bool = True) -> nn.Module:

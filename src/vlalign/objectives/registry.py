@@ -3,12 +3,11 @@ against each objective's options dataclass. Adding an objective never requires t
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vlalign.errors import ConfigError
+from vlalign.errors import ConfigError, dataclass_from_mapping
 from vlalign.objectives.base import Objective, ObjectiveContext
 
 
@@ -54,16 +53,7 @@ def objective_options(name: str, options: dict[str, Any] | None) -> Any:
     _load_builtin()
     if name not in _OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; registered objectives are {sorted(_OBJECTIVES)}.")
-    entry = _OBJECTIVES[name]
-    options = dict(options or {})
-    allowed = {f.name for f in dataclasses.fields(entry.options)}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ConfigError(f"objective {name!r}: unknown objective_options {unknown}; allowed are {sorted(allowed)}.")
-    try:
-        return entry.options(**options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"objective {name!r}: invalid objective_options {options}: {exc}") from exc
+    return dataclass_from_mapping(_OBJECTIVES[name].options, options, f"objective {name!r}", "objective_options")
 
 
 def build_objective(name: str, options: dict[str, Any] | None, context: ObjectiveContext | None = None) -> Objective:
