@@ -296,10 +296,11 @@ def blip_captioner(rows: pd.DataFrame, options: dict[str, Any], context: Caption
     for start in range(0, len(firsts), config.batch_size):
         chunk = firsts.iloc[start:start + config.batch_size]
         pixels = _pixels(chunk, transform)
+        by_id = {row["image_id"]: row for row in chunk.to_dict("records")}
         for item in sample_captions(model, tokenizer, chunk, pixels, model.image_outputs(pixels)[0], config, generator):
-            first = chunk[chunk["image_id"] == item["image_id"]].iloc[0]
-            k = item["caption_id"].rsplit(":", 1)[1]
-            out.append({**first.to_dict(), "caption": item["caption"], "lang": item["lang"],
+            first = by_id[item["image_id"]]
+            k = item["caption_id"].rsplit(":", 1)[1]  # the sample's number for its image
+            out.append({**first, "caption": item["caption"], "lang": item["lang"],
                         "caption_id": f"syn:{item['lang']}:{item['image_id']}:{k}",
                         "source": f"synthetic:blip:{first['source']}"})
     return pd.DataFrame(out, columns=list(rows.columns))
