@@ -16,6 +16,9 @@ from pathlib import Path
 
 from vlalign.errors import find_vlalign_error, format_report
 
+#: ``vlalign audit --retrain-tolerance`` default (vlalign.tracking.audit.DEFAULT_RETRAIN_TOLERANCE; no torch here).
+DEFAULT_RETRAIN_TOLERANCE = 0.05
+
 #: Environment variable that turns on tracebacks for expected failures (``1``, ``true`` or ``yes``).
 VERBOSE_ENV_VAR = "VLALIGN_VERBOSE"
 #: Environment variable naming the folder of failure logs (default: ``<tmp>/vlalign-logs``).
@@ -82,7 +85,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if not os.environ.get("MLFLOW_TRACKING_URI"):  # the project's store, as `kedro run` uses it
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(Path(args.repo) / 'mlflow.db').resolve()}"
     config = AuditConfig(model_uri=args.model_uri, repo=args.repo, retrain=args.retrain, tolerance=args.tolerance,
-                         work_dir=args.work_dir, log_to_registry=not args.no_log)
+                         retrain_tolerance=args.retrain_tolerance, work_dir=args.work_dir,
+                         log_to_registry=not args.no_log)
     report = run_audit(config, out_dir=args.out)
     print("\n".join(report.lines()))
     if args.out:
@@ -145,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         "every recorded input has its recorded DVC hash (in the work tree, else in the DVC cache or pulled from the "
         "remote into a temporary folder); the registered weights have the recorded hash; evaluating them on the "
         "recorded data reproduces the registered metrics within --tolerance; with --retrain, every stage retrained "
-        "on CPU from its recorded spec reproduces the recorded weight hashes bit for bit. Prints one line per check, "
+        "on CPU from its recorded spec, in its recorded reproducibility mode, reproduces the recorded weight hashes bit "
+        "for bit (where this machine cannot promise that, e.g. a native run recorded on other kernels, the difference "
+        "is named and retrain:metrics-within-tolerance compares metrics instead). Prints one line per check, "
         "logs the report to the version (tags audit.*, artifacts audit/ of its run) and exits 2 when a check fails. "
         "MLFLOW_TRACKING_URI names the registry (default for a project: sqlite:///$PWD/mlflow.db).",
     )
@@ -154,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--repo", default=".", help="the project's git work tree / DVC repository (default: %(default)s)")
     audit.add_argument("--tolerance", type=float, default=1e-6, help="largest |recorded - recomputed| per metric "
                        "(default: %(default)g)")
+    audit.add_argument("--retrain-tolerance", type=float, default=DEFAULT_RETRAIN_TOLERANCE,
+                       help="where this machine cannot promise the recorded bits (a GPU run, or a native run on other "
+                       "kernels), the retrained model's metrics must match the registered ones within this absolute "
+                       "difference, reported as retrain:metrics-within-tolerance (default: %(default)g)")
     audit.add_argument("--out", default=None, help="also write audit.md and audit.json into this folder")
     audit.add_argument("--work-dir", default=None, help="keep downloads, restored data and retrained stages here "
                        "(default: a temporary folder, removed afterwards)")
@@ -179,6 +189,30 @@ def _write_traceback(exc: BaseException, command: str) -> Path | None:
     return path
 
 
+def _activate_reproducibility(args: argparse.Namespace) -> None:
+    """Pin the numeric libraries before anything imports torch: ``vlalign train`` in its stage's mode, every other
+    command in ``$VLALIGN_REPRODUCIBILITY`` (default portable). torchrun ranks and pods run ``vlalign train`` too."""
+    from vlalign import reproducibility
+
+    mode, threads = os.environ.get(reproducibility.MODE_ENV) or reproducibility.DEFAULT_MODE, None
+    if args.command == "train":
+        mode, threads = reproducibility.spec_mode(_raw_stage(args), args.set_stage)
+    reproducibility.activate(mode, threads)
+
+
+def _raw_stage(args: argparse.Namespace) -> dict:
+    """The stage fields ``vlalign train``'s --spec or --stage file holds, read as plain JSON/YAML (no torch)."""
+    import yaml
+
+    path = args.spec or args.stage
+    if not path or not Path(path).is_file():
+        return {}  # spec_from_args reports the missing file
+    loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}  # JSON is YAML
+    if not isinstance(loaded, dict):
+        return {}
+    return {"stage": loaded.get("stage") or {}} if args.spec else {"stage": loaded}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. An expected failure (a ``VLAlignError``) prints a short message and returns 1;
     any other error keeps its traceback."""
@@ -192,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        _activate_reproducibility(args)
         return args.func(args)
     except Exception as exc:
         ours = find_vlalign_error(exc)

@@ -35,6 +35,7 @@ from kedro.framework.cli.project import run as kedro_run
 from kedro.framework.cli.utils import CONTEXT_SETTINGS
 from kedro.framework.hooks import hook_impl
 
+from vlalign import reproducibility
 from vlalign.errors import ConfigError, exception_chain, find_vlalign_error, format_report
 
 log = logging.getLogger(__name__)
@@ -338,6 +339,19 @@ def check_environment(conf_root: Path, env: str) -> None:
     )
 
 
+def process_mode(conf_root: Path, env: str, params: dict[str, Any]) -> str:
+    """The reproducibility mode of a ``kedro run`` process: ``training.stage_defaults.reproducibility`` of the
+    environment's parameters with ``--params`` applied. Evaluation and every stage that does not set its own mode
+    compute in it (read from the configuration files alone: nothing here imports torch)."""
+    from kedro.framework.project import settings
+
+    loader = settings.CONFIG_LOADER_CLASS(str(conf_root), env=env, runtime_params=params,
+                                          **settings.CONFIG_LOADER_ARGS)
+    defaults = ((loader["parameters"].get("training") or {}).get("stage_defaults") or {})
+    return reproducibility.check_mode(defaults.get("reproducibility", reproducibility.DEFAULT_MODE),
+                                      "training.stage_defaults.reproducibility")
+
+
 def guarded_run(
     body: Callable[[], Any], *, command: str, run_log: RunLog, verbose: bool,
     outputs: Callable[[], str] = lambda: "",
@@ -403,6 +417,11 @@ def _run(verbose: bool, **kwargs: Any) -> Any:
             outputs = f"{location.run_dir}/ (environment `{location.env}`, run name `{location.run_name}`)"
             POSITION.node = POSITION.dataset = POSITION.action = None
             log.info("Outputs go to %s; the full log is in %s", outputs, run_log.path)
+            # The numeric libraries read their pinning when they load: set it before anything imports torch.
+            mode = process_mode(Path(conf_source) if conf_source else project_path / settings.CONF_SOURCE, env, params)
+            reproducibility.activate(mode)
+            log.info("Numerics: reproducibility=%s for this process (training.stage_defaults.reproducibility); a stage "
+                     "that sets another mode runs in its own process", mode)
             # The retrain pipeline's plan node may end the run early; that needs PlannedRunner (a SequentialRunner).
             requested = {kwargs.get("pipeline"), *(kwargs.get("pipelines") or [])}
             if not kwargs.get("runner") and requested & set(PLANNED_PIPELINES):

@@ -83,6 +83,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from vlalign import reproducibility
 from vlalign.tracking.hashing import dvc_hash, dvc_hashes, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -412,7 +413,8 @@ def checkpoint_record(path: str | Path, state_dir: Any = True) -> dict[str, Any]
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     record = {"path": str(path), **dvc_hash(path, state_dir), "weights_sha256": weights_sha256(ckpt["model"])}
     stage = (ckpt.get("stage_config") or {}).get("name")
-    record.update({"stage": stage, "step": ckpt.get("step"), "inputs": ckpt.get("inputs")})
+    record.update({"stage": stage, "step": ckpt.get("step"), "inputs": ckpt.get("inputs"),
+                   "numerics": ckpt.get("numerics")})  # what decided the stage's bits (vlalign.reproducibility)
     if ckpt.get("merge"):
         record["merge"] = {k: v for k, v in ckpt["merge"].items() if isinstance(v, (str, int, float, type(None)))}
         if isinstance(ckpt["merge"].get("sources"), (list, tuple)):
@@ -545,6 +547,7 @@ def build_lineage(
         "seeds": _jsonable(find_seeds(params)),
         "packages": package_versions(),
         "hardware": hardware(),
+        "numerics": reproducibility.describe(),  # what decided evaluation's bits (each stage's: outputs.<stage>)
         "dvc_lock": dvc_lock_state(repo),
         "dvc": dvc_state({**{n: r["path"] for n, r in input_records.items()},
                           **{n: r["path"] for n, r in outputs_record.items() if "path" in r}}, repo),

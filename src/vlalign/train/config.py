@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from vlalign.errors import ConfigError
+from vlalign.reproducibility import DEFAULT_MODE, MODES
 
 
 #: Values of the device, precision and compute fields.
@@ -49,6 +50,8 @@ class StageConfig:
     grad_checkpointing: bool = False  # recompute tower activations in the backward pass (less memory)
     pin_memory: bool = True  # pinned host memory and non-blocking copies (CUDA only)
     compute: str = "local"  # local (this process / torchrun) | kubernetes (a Job on the cluster, see launch.k8s)
+    reproducibility: str = DEFAULT_MODE  # portable (same bits on any x86-64 with AVX2) | native (fastest kernels here)
+    cpu_threads: int | None = None  # CPU threads; None = 2 when portable, torch's default when native
 
     def __post_init__(self) -> None:
         self.trainable = list(self.trainable)
@@ -73,6 +76,8 @@ class StageConfig:
             (self.device in DEVICES, "device", f"one of {list(DEVICES)}"),
             (self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}"),
             (self.compute in COMPUTES, "compute", f"one of {list(COMPUTES)}"),
+            (self.reproducibility in MODES, "reproducibility", f"one of {list(MODES)}"),
+            (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", "None or an integer >= 1"),
             (isinstance(self.objective_options, dict), "objective_options", "a mapping of option names to values"),
         ]
         for ok, name, expected in checks:

@@ -32,6 +32,7 @@ from vlalign.models.config import ModelConfig
 from vlalign.models.registry import build_model
 from vlalign.models.towers import build_tokenizer_for
 from vlalign.objectives import Objective, ObjectiveContext, build_objective
+from vlalign import reproducibility
 from vlalign.train.checkpoint import FORMAT, CheckpointStore, check_checkpoint, load_checkpoint, rng_state, set_rng_state
 from vlalign.train.config import StageConfig
 from vlalign.train.data import (
@@ -243,6 +244,12 @@ def train_stage(
             f"{dist.world_size} x {stage.accumulate}; it is the global batch of one optimizer step."
         )
     runtime = Runtime.create(stage.device, stage.precision, dist, stage.tf32, stage.pin_memory)
+    if not reproducibility.in_force(stage.reproducibility, stage.cpu_threads):
+        log.warning("stage %r asks for reproducibility=%s but this process was started in %s: its numerics record "
+                    "says what really ran (vlalign train and kedro run start stages in the right mode).", stage.name,
+                    stage.reproducibility, reproducibility.current_mode() or "native")
+    reproducibility.apply_runtime(stage.reproducibility, runtime.device.type, stage.cpu_threads)
+    numerics = reproducibility.describe(runtime.device)
     source = build_train_data(data, model_cfg, stage, dist, runtime)
     plan = {"world_size": dist.world_size, "num_workers": stage.num_workers} if isinstance(source, ShardData) else {}
     inputs = {"data_sha256": source.fingerprint(), "init_weights_sha256": weights_fingerprint(init), "plan": plan}
@@ -323,6 +330,7 @@ def train_stage(
             "start_weights_sha256": start_sha,
             "data": source.describe(),
             "world_size": dist.world_size,
+            "numerics": numerics,  # what decided these bits (vlalign.reproducibility.describe)
         }
 
     def save(completed: bool) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from vlalign import reproducibility
 from vlalign.distributed.context import init_from_env
-from vlalign.errors import ConfigError, DatasetFormatError
+from vlalign.errors import ConfigError, DatasetFormatError, VLAlignError
 from vlalign.models.config import ModelConfig
 from vlalign.train.checkpoint import CheckpointStore, load_checkpoint
 from vlalign.train.config import StageConfig
@@ -47,6 +48,12 @@ def run_stage(spec: TrainSpec, callbacks: Sequence[TrainCallback] = ()) -> Path:
     ``spec.mlflow["parent_run_id"]`` when given); every rank resumes from the same checkpoint."""
     model_cfg = ModelConfig.from_dict(spec.model)
     stage = StageConfig.from_dict(spec.stage)
+    if not reproducibility.in_force(stage.reproducibility, stage.cpu_threads):
+        raise ConfigError(
+            f"stage {stage.name!r}: reproducibility={stage.reproducibility} is not in force in this process (it runs "
+            f"{reproducibility.current_mode() or 'native, unpinned'}). Run it as `vlalign train --spec FILE` (which "
+            f"applies the mode before loading torch), or call vlalign.reproducibility.activate("
+            f"'{stage.reproducibility}') before importing torch.")
     dist = init_from_env(resolve_device(stage.device).type)
     store = CheckpointStore(spec.out_dir)
     if dist.is_main:
@@ -60,8 +67,10 @@ def run_stage(spec: TrainSpec, callbacks: Sequence[TrainCallback] = ()) -> Path:
     if dist.is_main and spec.mlflow:
         from vlalign.tracking.mlflow import StageRunLogger
 
+        numerics = reproducibility.describe(resolve_device(stage.device, dist.local_rank))
         logger = StageRunLogger(stage.name, params={"model": model_cfg.to_dict(), "stage": stage.to_dict(),
-                                                    "data": spec.data, "world_size": dist.world_size},
+                                                    "data": spec.data, "world_size": dist.world_size,
+                                                    "numerics": numerics},
                                 parent_run_id=spec.mlflow.get("parent_run_id"),
                                 experiment_id=spec.mlflow.get("experiment_id"),
                                 tracking_uri=spec.mlflow.get("tracking_uri"), force=True)
@@ -75,6 +84,26 @@ def run_stage(spec: TrainSpec, callbacks: Sequence[TrainCallback] = ()) -> Path:
                   file=sys.stderr, flush=True)
         raise
     return store.final_path
+
+
+def run_stage_in_subprocess(spec: TrainSpec) -> Path:
+    """Run the stage as ``python -m vlalign train --spec <out_dir>/spec.json`` in a new process, which starts in the
+    stage's reproducibility mode (a process's numeric libraries are pinned once, when they load). Output streams
+    through; a failure raises with the command to re-run it."""
+    import subprocess
+
+    target = Path(spec.out_dir) / "spec.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    spec.save(target)
+    command = [sys.executable, "-m", "vlalign", "train", "--spec", str(target)]
+    log.info("stage %r runs in its own process (reproducibility=%s): %s", spec.stage.get("name"),
+             spec.stage.get("reproducibility"), " ".join(command))
+    env = reproducibility.child_environment(spec.stage["reproducibility"], spec.stage.get("cpu_threads"))
+    result = subprocess.run(command, env=env, check=False)
+    if result.returncode != 0:
+        raise VLAlignError(f"stage {spec.stage.get('name')!r} failed in its own process (exit {result.returncode}); "
+                          f"its output is above. Re-run it alone with: {' '.join(command)}")
+    return CheckpointStore(spec.out_dir).final_path
 
 
 def _parse_value(text: str) -> Any:

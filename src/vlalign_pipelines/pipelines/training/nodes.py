@@ -6,13 +6,14 @@ from typing import Any
 
 import pandas as pd
 
+from vlalign import reproducibility
 from vlalign.data.formats import AUTO
 from vlalign.errors import ConfigError
 from vlalign.models import get_model_config
 from vlalign.tracking.mlflow import tracking_context
 from vlalign.train import StageConfig
 from vlalign.train.checkpoint import CheckpointRef
-from vlalign.train.run import run_stage
+from vlalign.train.run import run_stage, run_stage_in_subprocess
 from vlalign.train.spec import TrainSpec
 from vlalign_pipelines.recipes import recipe_from, resolve_model, stage_params
 
@@ -62,4 +63,6 @@ def train_one_stage(
         from vlalign.launch.k8s import KubernetesConfig, run_stage_on_kubernetes
 
         return CheckpointRef(str(run_stage_on_kubernetes(spec, KubernetesConfig.from_dict(kubernetes))))
+    if not reproducibility.in_force(spec.stage["reproducibility"], spec.stage["cpu_threads"]):
+        return CheckpointRef(str(run_stage_in_subprocess(spec)))
     return CheckpointRef(str(run_stage(spec)))
