@@ -1,10 +1,15 @@
-"""Helpers shared by test folders: a tiny model config and a tiny image-caption manifest on disk."""
+"""Helpers shared by test folders: a tiny model config, a tiny image-caption manifest on disk, and the rule for
+tests that need an external tool (kubectl)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from PIL import Image, ImageDraw
 
 #: A tiny tiny-vit-bert: trains in a second on 2 cores.
@@ -44,3 +49,34 @@ def make_manifest(root: Path) -> pd.DataFrame:
         dict(rows[3], split="test", image_id="t1", caption_id="en:t1"),
     ]
     return pd.DataFrame(rows)
+
+
+def under_ci(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the variable ``CI`` is set to something other than empty, "false" or "0" (any case)."""
+    value = (os.environ if env is None else env).get("CI", "").strip().lower()
+    return value not in ("", "false", "0")
+
+
+def missing_tool(tool: str, why: str, env: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """None when ``tool`` is on the PATH; else ("fail", message) under CI, ("skip", reason) elsewhere.
+
+    ``why`` says what the tool is for and what still runs without it (the skip reason). ``env`` defaults to
+    ``os.environ``; its ``PATH`` is searched.
+    """
+    env = os.environ if env is None else env
+    if shutil.which(tool, path=env.get("PATH", os.defpath)):
+        return None
+    if under_ci(env):
+        return "fail", f"{tool} is required under CI: it is not on the PATH ({why}); install it, or unset CI to skip"
+    return "skip", f"{tool} is not on the PATH: {why}"
+
+
+def require_tool(tool: str, why: str) -> str:
+    """The tool's path; otherwise skips the calling test, or fails it under CI (see ``missing_tool``)."""
+    missing = missing_tool(tool, why)
+    if missing is None:
+        return shutil.which(tool)  # type: ignore[return-value]
+    action, message = missing
+    if action == "fail":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)

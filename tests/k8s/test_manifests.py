@@ -5,13 +5,13 @@ No Kubernetes API server runs here. Instead:
 - every document of ``kubectl kustomize k8s/overlays/<cpu|gpu|trainjob>`` (and of an overlay with every optional
   component) validates strictly against the official Kubernetes 1.35.0 schemas shipped in kubernetes-validate
   (unknown fields are errors); custom resources validate against the strict schema of vlalign.launch.crd;
-- every pod template passes the restricted-profile checker (vlalign.launch.policy);
+- every pod template passes the Pod Security Standards checker (vlalign.launch.policy: baseline, restricted, ours);
 - the renderer's objects, filled from each overlay's PodTemplate, agree with it on everything security- and
   resource-related, and validate too;
 - the CronJob, the conf/ ConfigMaps, RBAC and the Dockerfile are checked field by field.
 
-Tests that need kubectl (kustomize) skip with a reason when it is not on the PATH; the base files are also checked
-one by one without it.
+Tests that need kubectl (kustomize) skip with a reason when it is not on the PATH, and fail when the variable CI is
+set (tests/shared.py: missing_tool); the base files are also checked one by one without it.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ KUBERNETES_VERSION = "1.35.0"  # schema version of the strict checks (kubernetes
 OVERLAYS = ("cpu", "gpu", "trainjob")
 OPTIONAL_COMPONENTS = ("gpu", "trainjob", "kueue", "object-storage", "mlflow-postgres")
 KUBECTL = shutil.which("kubectl")
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with kustomize) is not on the PATH; "
-                                   "the base files are still validated one by one")
+needs_kubectl = pytest.mark.usefixtures("kubectl")  # skips without kubectl, fails under CI (tests/conftest.py)
 CUSTOM = set(known_kinds())
 
 
