@@ -162,8 +162,12 @@ def tracking_context() -> dict[str, Any] | None:
             "parent_run_id": active.info.run_id}
 
 
+#: The "model from code" file of the registered model: it calls ``mlflow.models.set_model(VLAlignEmbedder())``.
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
+
+
 class VLAlignEmbedder(mlflow.pyfunc.PythonModel):
-    """The registered model: embeds images and texts into the shared space.
+    """The registered model: embeds images and texts into the shared space (set by :data:`SERVED_MODEL_CODE`).
 
     Input: a DataFrame with a ``text`` column (str) and/or an ``image`` column (encoded image bytes,
     e.g. PNG/JPEG, or base64 text of them). Each row holds exactly one of the two.
@@ -220,8 +224,12 @@ def embed_frame(model: Any, cfg: Any, tokenizer: Any, frame: pd.DataFrame) -> np
 def log_embedder(
     checkpoint_path: Path, example_image_png: bytes, extra_artifacts: Mapping[str, Path] | None = None
 ) -> tuple[Any, int]:
-    """Log the checkpoint as a pyfunc embedding model with a signature; return ``(ModelInfo, embedding_dim)``."""
-    import vlalign
+    """Log the checkpoint as a pyfunc embedding model with a signature; return ``(ModelInfo, embedding_dim)``.
+
+    The model is logged from code (:data:`SERVED_MODEL_CODE`), not pickled: the model folder holds that file,
+    the MLmodel/environment files and the ``artifacts`` (the checkpoint, read with ``torch.load(weights_only=True)``).
+    No ``code_paths`` are logged, so loading imports the installed ``vlalign``, never a copy from the artifact store.
+    """
     from vlalign.models import build_tokenizer_for
     from vlalign.train import load_checkpoint, model_from_checkpoint
 
@@ -233,10 +241,9 @@ def log_embedder(
     artifacts.update({k: str(v) for k, v in (extra_artifacts or {}).items()})
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=VLAlignEmbedder(),
+        python_model=str(SERVED_MODEL_CODE),
         artifacts=artifacts,
         signature=signature,
-        code_paths=[str(Path(vlalign.__file__).parent)],
         pip_requirements=MODEL_PIP_REQUIREMENTS,
     )
     return info, int(output.shape[1])
