@@ -189,28 +189,45 @@ def _write_traceback(exc: BaseException, command: str) -> Path | None:
     return path
 
 
-def _activate_reproducibility(args: argparse.Namespace) -> None:
-    """Pin the numeric libraries before anything imports torch: ``vlalign train`` in its stage's mode, every other
-    command in ``$VLALIGN_REPRODUCIBILITY`` (default portable). torchrun ranks and pods run ``vlalign train`` too."""
+def _activate_reproducibility(argv: list[str]) -> None:
+    """Pin the numeric libraries before anything imports torch: ``vlalign train`` in its stage's mode (its --spec or
+    --stage file and --set-stage overrides), every other command in ``$VLALIGN_REPRODUCIBILITY`` (default portable).
+    torchrun ranks and Kubernetes pods run ``vlalign train`` too, so each of them pins itself the same way."""
     from vlalign import reproducibility
 
     mode, threads = os.environ.get(reproducibility.MODE_ENV) or reproducibility.DEFAULT_MODE, None
-    if args.command == "train":
-        mode, threads = reproducibility.spec_mode(_raw_stage(args), args.set_stage)
-    reproducibility.activate(mode, threads)
+    commands = [a for a in argv if not a.startswith("-")]
+    if commands[:1] == ["train"]:
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--spec")
+        pre.add_argument("--stage")
+        pre.add_argument("--set-stage", action="append", default=[])
+        known, _ = pre.parse_known_args(argv[argv.index("train") + 1:])
+        mode, threads = reproducibility.spec_mode(_raw_stage(known.spec, known.stage), known.set_stage)
+    try:
+        reproducibility.activate(mode, threads)
+    except Exception as exc:  # a bad mode in the file: reported like any other expected failure
+        ours = find_vlalign_error(exc)
+        if ours is None:
+            raise
+        print(format_report("Error: vlalign failed before it started:", str(ours).strip()), file=sys.stderr)
+        raise SystemExit(1) from None
 
 
-def _raw_stage(args: argparse.Namespace) -> dict:
-    """The stage fields ``vlalign train``'s --spec or --stage file holds, read as plain JSON/YAML (no torch)."""
+def _raw_stage(spec: str | None, stage: str | None) -> dict:
+    """The stage fields of ``vlalign train``'s --spec or --stage file, read as plain JSON/YAML (no torch)."""
     import yaml
 
-    path = args.spec or args.stage
+    path = spec or stage
     if not path or not Path(path).is_file():
         return {}  # spec_from_args reports the missing file
-    loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}  # JSON is YAML
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}  # JSON is YAML
+    except yaml.YAMLError:
+        return {}  # spec_from_args reports the broken file
     if not isinstance(loaded, dict):
         return {}
-    return {"stage": loaded.get("stage") or {}} if args.spec else {"stage": loaded}
+    return {"stage": loaded.get("stage") or {}} if spec else {"stage": loaded}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         from vlalign.losses.bench import main as bench_main
 
         return bench_main(argv[1:])
+    _activate_reproducibility(argv)  # before build_parser: the train options' module loads torch
     args = build_parser().parse_args(argv)
     try:
-        _activate_reproducibility(args)
         return args.func(args)
     except Exception as exc:
         ours = find_vlalign_error(exc)

@@ -58,16 +58,17 @@ def check_mode(mode: Any, where: str = "reproducibility") -> str:
     return str(mode)
 
 
-def environment(mode: str, threads: int | None = None) -> dict[str, str | None]:
+def environment(mode: str, threads: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str | None]:
     """The environment variables of ``mode`` (``None``: remove the variable).
 
     ``portable`` pins :data:`PINNED` and the thread count (``threads``, default :data:`PORTABLE_THREADS`);
-    ``native`` removes what an earlier ``portable`` set and leaves the rest of the environment alone."""
+    ``native`` removes what an earlier ``portable`` set in ``base`` (default ``os.environ``) and leaves the rest of
+    the environment alone."""
     check_mode(mode)
     if mode == "portable":
         n = str(int(threads or PORTABLE_THREADS))
         return {**PINNED, **dict.fromkeys(THREAD_VARS, n), MODE_ENV: mode, THREADS_ENV: n}
-    inherited = os.environ.get(MODE_ENV) == "portable"
+    inherited = (os.environ if base is None else base).get(MODE_ENV) == "portable"
     cleared: dict[str, str | None] = dict.fromkeys([*PINNED, *THREAD_VARS], None) if inherited else {}
     return {**cleared, MODE_ENV: mode, THREADS_ENV: str(int(threads)) if threads else None}
 
@@ -75,7 +76,7 @@ def environment(mode: str, threads: int | None = None) -> dict[str, str | None]:
 def child_environment(mode: str, threads: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """A full environment for a child process that runs in ``mode`` (``base`` defaults to ``os.environ``)."""
     env = dict(os.environ if base is None else base)
-    for key, value in environment(mode, threads).items():
+    for key, value in environment(mode, threads, env).items():
         if value is None:
             env.pop(key, None)
         else:
@@ -113,11 +114,12 @@ def activate(mode: str, threads: int | None = None) -> None:
     check_mode(mode)
     if in_force(mode, threads):
         return
-    if "torch" in sys.modules and mode == "portable":
+    if "torch" in sys.modules:  # the libraries read their settings when they loaded: too late to change them
         raise ReproducibilityError(
-            f"reproducibility={mode}: torch was imported before the numeric libraries could be pinned (ATen runs "
-            f"{_aten_capability()}). Start a new process: `vlalign train --spec ...` and `kedro run` apply the mode "
-            f"before importing torch; in a notebook call vlalign.reproducibility.activate('{mode}') first.")
+            f"reproducibility={mode} (threads {threads or 'default'}): torch was imported while this process computed "
+            f"{current_mode() or 'natively, unpinned'} (ATen runs {_aten_capability()}). Start a new process: "
+            f"`vlalign train --spec ...` and `kedro run` apply the mode before importing torch; in a notebook call "
+            f"vlalign.reproducibility.activate('{mode}') first.")
     for key, value in environment(mode, threads).items():
         if value is None:
             os.environ.pop(key, None)
