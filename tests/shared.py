@@ -1,7 +1,10 @@
-"""Helpers shared by test folders: a tiny model config and a tiny image-caption manifest on disk."""
+"""Helpers shared by test folders: a tiny model config, a tiny image-caption manifest on disk, and a PNG
+decompression bomb."""
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -44,3 +47,17 @@ def make_manifest(root: Path) -> pd.DataFrame:
         dict(rows[3], split="test", image_id="t1", caption_id="en:t1"),
     ]
     return pd.DataFrame(rows)
+
+
+def png_bomb(path: Path, side: int = 60_000) -> Path:
+    """A ~14 KB PNG whose header declares ``side`` x ``side`` RGB pixels: the PNG signature, an IHDR with correct CRC,
+    one IDAT holding the zlib stream of 14 MB of zero bytes (the first scanlines such a file promises, compressed
+    about 1000:1) and IEND. Decoding it would need side * side * 3 bytes (10.8 GB for 60000)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # width, height, 8-bit RGB, deflate, no interlace
+    idat = zlib.compress(b"\0" * 14_000_000, 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
