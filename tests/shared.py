@@ -1,10 +1,12 @@
-"""Helpers shared by test folders: a tiny model config, a tiny image-caption manifest on disk, and the rule for
-tests that need an external tool (kubectl)."""
+"""Helpers shared by test folders: a tiny model config, a tiny image-caption manifest on disk, a PNG decompression
+bomb, and the rule for tests that need an external tool (kubectl)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -80,3 +82,17 @@ def require_tool(tool: str, why: str) -> str:
     if action == "fail":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def png_bomb(path: Path, side: int = 60_000) -> Path:
+    """A ~14 KB PNG whose header declares ``side`` x ``side`` RGB pixels: the PNG signature, an IHDR with correct CRC,
+    one IDAT holding the zlib stream of 14 MB of zero bytes (the first scanlines such a file promises, compressed
+    about 1000:1) and IEND. Decoding it would need side * side * 3 bytes (10.8 GB for 60000)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # width, height, 8-bit RGB, deflate, no interlace
+    idat = zlib.compress(b"\0" * 14_000_000, 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path

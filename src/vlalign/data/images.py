@@ -9,8 +9,10 @@ device. So every image reference is checked before anything opens it:
    (:func:`resolve_roots`), so a configured root that is itself a link (``data/01_raw/coco_cn/images/train2014 ->
    /mnt/coco/train2014``) is allowed on purpose, while a link to a single file outside is still refused.
 2. **Regular file.** Only a regular file is opened; a FIFO, a device or a directory is refused unopened.
-3. **Bounded decoding.** PIL's decompression-bomb guard stays on, and an image whose header declares more than
-   ``max_pixels`` pixels is refused before its pixels are decoded.
+3. **Bounded decoding.** An image whose header declares more than ``max_pixels`` pixels is refused before its
+   pixels are decoded: the size is read from the header by Pillow's format plugin alone (:func:`declared_size`), so
+   this check comes first even for sizes that Pillow's own decompression-bomb guard would refuse in ``Image.open``.
+   That guard stays on for everything that is then decoded.
 
 A manifest row carries its allowed roots in the column ``image_root`` as one string, the resolved roots joined
 with :data:`os.pathsep` (:func:`encode_roots` / :func:`decode_roots`).
@@ -20,11 +22,12 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from vlalign.errors import ConfigError, DatasetFormatError
 
@@ -146,18 +149,51 @@ def open_image(path: str, roots: Sequence[str], max_pixels: int = DEFAULT_MAX_PI
         raise ImageAccessError(f"image file {path} does not exist.") from exc
 
 
+def declared_size(handle) -> tuple[int, int]:
+    """``(width, height)`` that an image file's header declares, without decoding a pixel.
+
+    ``Image.open`` reads only the header too, but it then applies Pillow's decompression-bomb check, which raises
+    ``DecompressionBombError`` above ``2 * Image.MAX_IMAGE_PIXELS``; vlalign's own ``max_pixels`` check must come
+    first, so this does what ``Image.open`` does (find the format plugin that accepts the first bytes and let it
+    parse the header) without that check and without touching ``Image.MAX_IMAGE_PIXELS`` (other threads decode
+    meanwhile). The handle is left where it was.
+
+    Raises:
+        PIL.UnidentifiedImageError: no installed format plugin reads the header.
+    """
+    start = handle.tell()
+    prefix = handle.read(16)
+    tried: set[str] = set()
+    try:
+        for load_plugins in (Image.preinit, Image.init):  # the common formats first, then every installed one
+            load_plugins()
+            for fmt in [f for f in Image.ID if f not in tried]:
+                tried.add(fmt)
+                factory, accept = Image.OPEN[fmt]
+                accepted = not accept or accept(prefix)
+                if not accepted or isinstance(accepted, str):  # a str is Pillow's "looks like, but unsupported"
+                    continue
+                handle.seek(start)
+                try:
+                    with factory(handle, "") as image:  # parses the header; the stream is not closed on exit
+                        return image.size
+                except (SyntaxError, IndexError, TypeError, struct.error):  # Image.open: "not this format"
+                    continue
+    finally:
+        handle.seek(start)
+    raise UnidentifiedImageError("cannot identify image file: no image format reads its header")
+
+
 def decode_image(handle, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an image from an open binary file (or BytesIO), refusing headers above ``max_pixels`` undecoded."""
     try:
+        width, height = declared_size(handle)
+        if width * height > max_pixels:
+            raise ImageAccessError(f"image {where} is {width}x{height} = {width * height:,} pixels, more than the "
+                                   f"{max_pixels:,} allowed (max_image_pixels); it was not decoded.")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(handle)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageAccessError(
-                    f"image {where} is {width}x{height} = {width * height:,} pixels, more than the "
-                    f"{max_pixels:,} allowed (max_image_pixels); it was not decoded."
-                )
             image.load()
             return image
     except ImageAccessError:
@@ -192,14 +228,12 @@ def inspect_image(path: str | None, roots: Sequence[str], max_pixels: int = DEFA
     out.update(regular_file=True, exists=True)
     try:
         with open_regular_file(os.path.realpath(path)) as handle:
+            width, height = declared_size(handle)  # the header only, before Pillow's own bomb check
+            out.update(width=width, height=height, pixels=width * height)
+            if width * height > max_pixels:
+                return out  # never decoded
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(handle) as image:  # reads the header only
-                    width, height = image.size
-                out.update(width=width, height=height, pixels=width * height)
-                if width * height > max_pixels:
-                    return out  # never decoded
-                handle.seek(0)
                 with Image.open(handle) as image:
                     image.verify()  # structure and checksums without decoding pixels
                 handle.seek(0)

@@ -55,7 +55,6 @@ import os
 import re
 import tarfile
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,9 +64,9 @@ import fsspec
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
-from vlalign.data.images import DEFAULT_MAX_PIXELS, ImageAccessError, decode_roots, read_image_bytes
+from vlalign.data.images import (DEFAULT_MAX_PIXELS, ImageAccessError, declared_size, decode_roots,
+                                 read_image_bytes)
 from vlalign.errors import ConfigError, DatasetFormatError
 
 #: Format marker of a shard index (``shards.json``).
@@ -344,10 +343,7 @@ def _image_member(sample: dict, max_pixels: int) -> tuple[str, bytes]:
     except ImageAccessError as exc:
         raise DatasetFormatError(f"{sample['row']}: {exc} Re-run validation, which quarantines such rows.") from exc
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                width, height = image.size
+        width, height = declared_size(io.BytesIO(data))  # the header only, before Pillow's own bomb check
     except Exception as exc:  # PIL raises many types for bad files
         raise DatasetFormatError(f"{sample['row']}: image {path} is not a readable image ({type(exc).__name__}: "
                                  f"{exc}); re-run validation, which quarantines such rows.") from exc

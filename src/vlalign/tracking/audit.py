@@ -13,6 +13,8 @@ An audit downloads a version's ``lineage.json`` (and the artifacts stored beside
     DVC hash, in the work tree or, when the work tree changed, in DVC: the local cache, else fetched from the
     default remote into the cache, then checked out into a temporary folder (the work tree is never touched)
     and hashed again. A folder's changed files are named from the ``.dir`` listing stored with the version.
+    Every cache object is hashed before it is used: a corrupt or missing one fails the check, naming the file,
+    its recorded and actual md5 and what to do (``dvc fetch``/``dvc pull`` from a remote, or restore the data).
 ``weights``
     the registered checkpoint hashes to the recorded ``weights_sha256`` (lineage, version tag, merged output).
 ``evaluation_data``
@@ -47,7 +49,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -391,10 +393,38 @@ def recorded_path(path: str, root: str | None) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+#: ``ObjectProblem.relpath`` of a folder's own ``.dir`` listing object.
+LISTING = "(folder listing)"
+
+
+@dataclass
+class ObjectProblem:
+    """One DVC object that a recorded hash needs and that the cache cannot give intact."""
+
+    relpath: str  # the file inside the recorded folder ("" for a recorded file, LISTING for the .dir object)
+    md5: str  # the object's recorded md5 (its name in the cache)
+    actual: str | None  # what the cached bytes hash to; None when the object is missing
+    object_path: str  # where the cache keeps it
+
+    @property
+    def missing(self) -> bool:
+        return self.actual is None
+
+
+def _md5_file(path: str) -> str | None:
+    """md5 of a file's bytes (what DVC names an object by), or None when it does not exist."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "md5").hexdigest()
+    except FileNotFoundError:
+        return None
+
+
 class DvcStore:
     """A DVC repository's objects: is a hash in the cache, fetch it from the default remote, check it out elsewhere.
 
-    Only the cache (``.dvc/cache``) is written to; the work tree never is.
+    Only the cache (``.dvc/cache``) is written to; the work tree never is. An object is used only after its bytes
+    were hashed again (:meth:`verify`): DVC itself trusts a read-only cache file unread.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -422,18 +452,23 @@ class DvcStore:
             self._repo.close()
             self._repo = None
 
+    def remote(self) -> tuple[str | None, str | None]:
+        """``(name, url)`` of the default remote (``(None, None)`` when there is none)."""
+        name = self.repo.config["core"].get("remote")
+        return (name, (self.repo.config["remote"].get(name) or {}).get("url")) if name else (None, None)
+
     def describe(self) -> str:
         """``cache <path>, remote <name> (<url>)``."""
         try:
-            remote = self.repo.config["core"].get("remote")
-            url = (self.repo.config["remote"].get(remote) or {}).get("url") if remote else None
+            remote, url = self.remote()
             where = f"remote {remote!r} ({url})" if remote else "no default remote"
             return f"cache {self.repo.cache.local.path}, {where}"
         except Exception as exc:  # noqa: BLE001 - only for the message
             return f"unreadable DVC configuration ({exc})"
 
     def has(self, md5: str) -> bool:
-        """True when the cache holds ``md5`` completely (for a folder: its listing and every file)."""
+        """True when the cache holds every object of ``md5`` (for a folder: its listing and every file). Only their
+        presence is looked at; :meth:`verify` reads them."""
         from dvc_data.hashfile.hash_info import HashInfo
         from dvc_data.hashfile.tree import Tree
 
@@ -448,47 +483,91 @@ class DvcStore:
             return False
         return all(cache.exists(oid.value) for _, _, oid in tree)
 
-    def obtain(self, md5: str) -> tuple[str | None, str]:
-        """Make ``md5`` (a file hash or ``<md5>.dir``) complete in the cache: ``("cache" | "remote" | None, note)``."""
+    def _problem(self, md5: str, relpath: str) -> ObjectProblem | None:
+        """The cached object ``md5`` hashed again: None when its bytes hash to its name."""
+        path = self.repo.cache.local.oid_to_path(md5)
+        actual = _md5_file(path)
+        if actual is not None and actual == md5.removesuffix(".dir"):
+            return None
+        return ObjectProblem(relpath, md5, actual, path)
+
+    def _tree(self, md5: str) -> Any:
         from dvc_data.hashfile.hash_info import HashInfo
         from dvc_data.hashfile.tree import Tree
 
-        if self.has(md5):
-            return "cache", ""
-        info = HashInfo("md5", md5)
+        return Tree.load(self.repo.cache.local, HashInfo("md5", md5))
+
+    def verify(self, md5: str) -> list[ObjectProblem]:
+        """Hash every cached object that ``md5`` needs (a file, or a folder's listing and each of its files) and
+        return those that are missing or whose bytes do not hash to their name; empty when all are intact."""
+        top = self._problem(md5, LISTING if md5.endswith(".dir") else "")
+        if top is not None or not md5.endswith(".dir"):
+            return [top] if top is not None else []
         try:
-            self.repo.cloud.pull([info])
-            if md5.endswith(".dir") and self.repo.cache.local.exists(md5):
-                tree = Tree.load(self.repo.cache.local, info)
-                self.repo.cloud.pull({oid for _, _, oid in tree})
+            tree = self._tree(md5)
+        except Exception as exc:  # noqa: BLE001 - intact bytes that are no listing: report, do not use
+            return [ObjectProblem(LISTING, md5, f"{md5} but is no DVC listing ({exc})",
+                                  self.repo.cache.local.oid_to_path(md5))]
+        hashed: dict[str, ObjectProblem | None] = {}  # oid -> its problem (files with equal bytes share one object)
+        problems = []
+        for key, _, oid in tree:
+            if oid.value not in hashed:
+                hashed[oid.value] = self._problem(oid.value, "/".join(key))
+            if hashed[oid.value] is not None:
+                problems.append(replace(hashed[oid.value], relpath="/".join(key)))
+        return problems
+
+    def obtain(self, md5: str) -> tuple[str | None, str, list[ObjectProblem]]:
+        """Make ``md5`` (a file hash or ``<md5>.dir``) complete and intact in the cache.
+
+        Returns ``(source, note, problems)``: ``source`` is ``"cache"`` or ``"remote"`` (fetched from the default
+        remote) when every object is there and hashes to its name, else None with ``note`` saying why and
+        ``problems`` naming the objects. A corrupt object already in the cache is never used nor replaced; one
+        fetched from the remote that turns out corrupt is removed from the cache again.
+        """
+        from dvc_data.hashfile.hash_info import HashInfo
+
+        problems = self.verify(md5)
+        if not problems:
+            return "cache", "", []
+        if any(not p.missing for p in problems):
+            return None, "the DVC cache holds corrupt objects, which are not used", problems
+        try:
+            self.repo.cloud.pull([HashInfo("md5", md5)])
+            if md5.endswith(".dir") and _md5_file(self.repo.cache.local.oid_to_path(md5)) == md5.removesuffix(".dir"):
+                self.repo.cloud.pull({oid for _, _, oid in self._tree(md5)})
         except Exception as exc:  # noqa: BLE001 - no remote, unreachable remote: say so
-            return None, f"fetching from the remote failed ({type(exc).__name__}: {exc})"
-        if self.has(md5):
-            return "remote", ""
-        return None, "neither the cache nor the remote has it"
+            why = " ".join(str(exc).split())
+            return None, f"fetching from the remote failed ({type(exc).__name__}: {why})", problems
+        problems = self.verify(md5)
+        if not problems:
+            return "remote", "", []
+        corrupt = [p for p in problems if not p.missing]
+        for problem in corrupt:  # fetched just now: do not leave corrupt objects that DVC would trust later
+            Path(problem.object_path).unlink(missing_ok=True)
+        if corrupt:
+            note = "the remote's copy is corrupt (the fetched objects were removed from the cache again)"
+            return None, note, problems
+        return None, "neither the cache nor the remote has it", problems
 
     def checkout(self, md5: str, dest: str | Path) -> Path:
-        """Copy the cached object ``md5`` to ``dest`` (a new file or folder)."""
+        """Copy the cached object ``md5`` to ``dest`` (a new file or folder); call :meth:`obtain` first."""
         from dvc_data.hashfile.checkout import checkout
-        from dvc_data.hashfile.hash_info import HashInfo
-        from dvc_data.hashfile.tree import Tree
         from dvc_objects.fs.local import LocalFileSystem
 
         cache = self.repo.cache.local
-        obj = Tree.load(cache, HashInfo("md5", md5)) if md5.endswith(".dir") else cache.get(md5)
+        obj = self._tree(md5) if md5.endswith(".dir") else cache.get(md5)
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         checkout(str(dest), LocalFileSystem(), obj, cache)
         return dest
 
     def listing(self, md5: str) -> list[dict[str, str]] | None:
-        """The cached ``.dir`` listing of ``md5``, or None."""
-        from dvc_data.hashfile.hash_info import HashInfo
-        from dvc_data.hashfile.tree import Tree
-
+        """The cached ``.dir`` listing of ``md5`` when its bytes hash to its name, else None."""
+        if self._problem(md5, LISTING) is not None:
+            return None
         try:
-            return [{"md5": e["md5"], "relpath": e["relpath"]}
-                    for e in Tree.load(self.repo.cache.local, HashInfo("md5", md5)).as_list()]
+            return [{"md5": e["md5"], "relpath": e["relpath"]} for e in self._tree(md5).as_list()]
         except Exception:  # noqa: BLE001
             return None
 
@@ -634,6 +713,47 @@ def _listing_reason(recorded: Sequence[Mapping[str, str]] | None, current: Seque
     return "; ".join(parts)
 
 
+def _dvc_problems_reason(record: Mapping[str, Any], outs: Mapping[str, Any] | None, note: str,
+                         problems: Sequence[ObjectProblem], work_md5: Mapping[str, str], dvc: DvcStore) -> str:
+    """Why DVC has no intact copy of a recorded input, object by object, and what to do about it."""
+    path = record["path"]
+
+    def one(p: ObjectProblem) -> str:
+        shown = f"{path} {LISTING}" if p.relpath == LISTING else f"{path}/{p.relpath}" if p.relpath else path
+        if p.relpath == LISTING:
+            work = ""
+        elif p.relpath in work_md5:
+            work = f"; the work tree's copy hashes to {work_md5[p.relpath]}"
+        else:
+            work = "; the work tree has no such file"
+        state = "missing" if p.missing else f"the cached copy {p.object_path} hashes to {p.actual}"
+        return f"{shown} (recorded md5 {p.md5}, {state}{work})"
+
+    target = (outs or {}).get("out") or path
+    try:
+        remote, url = dvc.remote()
+    except Exception:  # noqa: BLE001 - only for the message
+        remote, url = None, None
+    from_remote = (f"the remote {remote!r} ({url})" if remote else
+                   "a remote that has it (none is configured here: `dvc remote add -d <name> <url>`)")
+    restore = f"or restore {path} to the recorded content, then audit again"
+    corrupt = [p.object_path for p in problems if not p.missing]
+    if corrupt and note.startswith("the DVC cache"):
+        todo = (f"Delete the corrupt cache file(s) (`rm -f {' '.join(corrupt[:MAX_NAMED])}`"
+                f"{' ...' if len(corrupt) > MAX_NAMED else ''}), then fetch the recorded data from {from_remote} "
+                f"with `dvc fetch {target}` (or `dvc pull {target}`, which also checks it out into the work tree), "
+                f"{restore}.")
+    elif corrupt:
+        todo = (f"Replace the corrupt object(s) on {from_remote} with intact ones (`dvc push {target}` from a machine "
+                f"that has the recorded data; it skips objects the remote already has, so delete the corrupt ones "
+                f"there first), {restore}.")
+    else:
+        todo = (f"Push the recorded data from a machine that has it (`dvc push {target}`), then fetch it here from "
+                f"{from_remote} with `dvc fetch {target}` (or `dvc pull {target}`), {restore}.")
+    named = _named([one(p) for p in problems], 3)
+    return f"{note}: {named}. {todo}"
+
+
 def check_input(
     name: str,
     record: Mapping[str, Any],
@@ -661,9 +781,11 @@ def check_input(
             return (Check(f"data:{name}", PASS, f"{record['path']}: the work tree has the recorded {_describe_record(record)} "
                           f"({dvc_note}{held}).", details), Located(name, recorded, local, "work tree"))
     what_differs = "does not exist" if current is None else f"has {_describe_record(current)}"
+    work_md5 = {"": current["md5"]} if current is not None and not current.get("isdir") else {}  # relpath -> md5
     if current is not None and record.get("isdir"):
         recorded_listing = listings.get(name) or (dvc.listing(record["md5"]) if dvc else None)
         current_listing = dvc_listing(local)
+        work_md5 = {e["relpath"]: e["md5"] for e in current_listing or []}
         changed = _listing_reason(recorded_listing, current_listing)
         if changed:
             what_differs += f" ({changed})"
@@ -672,12 +794,19 @@ def check_input(
         return (Check(f"data:{name}", FAIL, f"{record['path']}: recorded {_describe_record(record)}; the work tree "
                       f"{what_differs}, and this is no DVC repository, so no other copy exists.", details),
                 Located(name, recorded, None, ""))
-    where, note = dvc.obtain(record["md5"])
+    where, note, problems = dvc.obtain(record["md5"])
     if where is None:
+        details.update({"dvc_note": note, "dvc_objects": [asdict(p) for p in problems]})
         return (Check(f"data:{name}", FAIL, f"{record['path']}: recorded {_describe_record(record)}; the work tree "
-                      f"{what_differs}, and DVC has no copy ({note}; {dvc.describe()}).", details),
+                      f"{what_differs}, and DVC has no intact copy: "
+                      f"{_dvc_problems_reason(record, outs, note, problems, work_md5, dvc)}", details),
                 Located(name, recorded, None, ""))
-    copy = dvc.checkout(record["md5"], scratch / "data" / name / Path(record["path"]).name)
+    try:
+        copy = dvc.checkout(record["md5"], scratch / "data" / name / Path(record["path"]).name)
+    except Exception as exc:  # noqa: BLE001 - e.g. dvc_data's CheckoutError: report it as this input's failure
+        return (Check(f"data:{name}", FAIL, f"{record['path']}: recorded {_describe_record(record)}; the work tree "
+                      f"{what_differs}, and checking out the DVC {where} copy failed ({type(exc).__name__}: "
+                      f"{' '.join(str(exc).split())}); {dvc.describe()}.", details), Located(name, recorded, None, ""))
     again = dvc_hash(copy, state_dir=None)
     details.update({"dvc_source": where, "restored_to": str(copy), "restored_md5": again["md5"]})
     if again["md5"] != record["md5"]:
@@ -1040,7 +1169,13 @@ def audit(config: AuditConfig, client: Any = None) -> AuditReport:
             relocation.add(root, repo)
         try:
             for name, record in (lineage.get("inputs") or {}).items():
-                check, loc = check_input(name, record, lineage, repo, listings, dvc, scratch)
+                try:
+                    check, loc = check_input(name, record, lineage, repo, listings, dvc, scratch)
+                except Exception as exc:  # noqa: BLE001 - e.g. an unreadable DVC repository: this input fails
+                    check = Check(f"data:{name}", FAIL, f"{record.get('path')}: the recorded data could not be checked "
+                                  f"({type(exc).__name__}: {' '.join(str(exc).split())}).",
+                                  {"path": record.get("path")})
+                    loc = Located(name, recorded_path(str(record.get("path")), root), None, "")
                 checks.append(check)
                 located[name] = loc
                 if loc.local is not None and loc.source != "work tree":

@@ -30,7 +30,7 @@ Expectations (names as they appear in ``failed_expectations`` and in the report)
 ``image_regular_file``           the contained path is a regular file, not a FIFO, device or folder
 ``image_exists``                 the image file exists
 ``image_max_pixels``             its header declares at most ``max_image_pixels`` pixels (checked before
-                                 any pixel is decoded)
+                                 any pixel is decoded, and before Pillow's own decompression-bomb check)
 ``image_decodes``                PIL can verify and fully load it (decompression-bomb guard on)
 ``image_min_side``               width and height are at least ``min_image_size`` pixels
 ===============================  ====================================================================

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from shared import png_bomb
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlalign.data import shards as sh
@@ -240,7 +241,13 @@ def test_bad_rows_are_refused_with_the_row_named(corpus, tmp_path):
     two_files.loc[2, "image_path"] = str(big)  # img1 has rows 1 and 2
     with pytest.raises(DatasetFormatError, match="image_id 'img1' names 2 image files"):
         sh.write_shards(two_files, tmp_path / "out8")
-    assert not any((tmp_path / f"out{k}" / "shards.json").exists() for k in range(1, 9))
+    bomb = png_bomb(root / "images" / "bomb.png")  # Image.open would raise DecompressionBombError first
+    try:
+        with pytest.raises(DatasetFormatError, match="bomb.png is 60000x60000 pixels, more than max_image_pixels=64,0"):
+            sh.write_shards(_with_path(manifest, "img0", bomb), tmp_path / "out9")
+    finally:
+        bomb.unlink()
+    assert not any((tmp_path / f"out{k}" / "shards.json").exists() for k in range(1, 10))
 
 
 def test_damaged_index_or_shard_is_a_clear_error(written, tmp_path):

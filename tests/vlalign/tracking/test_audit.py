@@ -3,6 +3,7 @@ checkout into a temporary folder, corruption), metric tolerance, patch and path 
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from vlalign.tracking.audit import (
     DvcStore,
@@ -82,14 +84,18 @@ def test_recorded_data_from_work_tree_cache_remote_and_corruption(dvc_repo: Path
     assert check.status == "pass" and located.source == "remote" and "DVC remote" in check.reason
     assert dvc_hash(located.local, state_dir=None)["md5"] == record["md5"]
 
-    # A corrupt object in the remote (and no cache): found when the checked-out copy is hashed again.
+    # A corrupt object in the remote (and no cache): found when the fetched objects are hashed, before any checkout;
+    # the fetched corrupt object does not stay in the cache (DVC would trust it later, it is read-only).
     shutil.rmtree(dvc_repo / ".dvc" / "cache")
     store.close()
     object_path(tmp_path / "remote", a_md5).chmod(0o644)
     object_path(tmp_path / "remote", a_md5).write_text("bit rot")
     check, located = audit_input("corrupt")
-    assert check.status == "fail" and located.local is None
-    assert f"the DVC copy (remote) of {record['md5']} is corrupt" in check.reason and "changed 1: a.txt" in check.reason
+    assert check.status == "fail" and located.local is None and "changed 1: a.txt" in check.reason
+    rot = hashlib.md5(b"bit rot").hexdigest()
+    assert "the remote's copy is corrupt" in check.reason and f"data/raw/a.txt (recorded md5 {a_md5}" in check.reason
+    assert f"hashes to {rot}; the work tree's copy hashes to {hashlib.md5(b'tampered').hexdigest()}" in check.reason
+    assert not object_path(dvc_repo / ".dvc" / "cache", a_md5).exists() and not (tmp_path / "corrupt" / "data").exists()
 
     # No copy anywhere: the reason names the changed file and where it looked.
     shutil.rmtree(dvc_repo / ".dvc" / "cache")
@@ -97,8 +103,114 @@ def test_recorded_data_from_work_tree_cache_remote_and_corruption(dvc_repo: Path
     store.close()
     check, located = audit_input("gone")
     assert check.status == "fail" and located.local is None
-    assert "changed 1: a.txt" in check.reason and "DVC has no copy" in check.reason and "remote 'store'" in check.reason
+    assert "changed 1: a.txt" in check.reason and "DVC has no intact copy" in check.reason
+    assert "remote 'store'" in check.reason
+    assert f"data/raw (folder listing) (recorded md5 {record['md5']}, missing)" in check.reason
     store.close()
+
+
+@pytest.fixture()
+def flickr_repo(tmp_path: Path) -> Path:
+    """git + DVC with the Flickr demo layout: data/01_raw/demo (dataset_demo.json and one image) added with `dvc add`,
+    a default local remote, nothing pushed yet."""
+    repo = tmp_path / "repo"
+    flickr = repo / "data" / "01_raw" / "demo" / "flickr_demo"
+    (flickr / "images").mkdir(parents=True)
+    (flickr / "dataset_demo.json").write_text('{"images": [{"filename": "0.png"}]}')
+    (flickr / "images" / "0.png").write_bytes(b"\x89PNG not really")
+    run(repo, "git", "init", "-q")
+    dvc = [sys.executable, "-m", "dvc"]
+    run(repo, *dvc, "init", "-q")
+    run(repo, *dvc, "config", "core.analytics", "false")
+    run(repo, *dvc, "remote", "add", "-d", "store", str(tmp_path / "remote"))
+    run(repo, *dvc, "add", "-q", "data/01_raw/demo")
+    return repo
+
+
+def raw_data_input(repo: Path, tmp_path: Path, name: str):
+    """check_input of the raw data as the lineage records it (taken from the .dvc file) with a fresh DvcStore."""
+    md5 = yaml.safe_load((repo / "data" / "01_raw" / "demo.dvc").read_text())["outs"][0]["md5"]
+    record = {"path": "data/01_raw/demo", "md5": md5, "isdir": True, "nfiles": 2}
+    lineage = {"root": str(repo), "inputs": {"raw_data": record},
+               "dvc": {"outs": {"raw_data": {"stage": "demo_data", "out": "data/01_raw/demo", "cache": True}}}}
+    store = DvcStore(repo)
+    try:
+        return check_input("raw_data", record, lineage, repo, {}, store, tmp_path / name)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
+def test_a_corrupt_cache_object_is_never_used(flickr_repo: Path, tmp_path: Path, hash_state: Path,
+                                              read_only: bool) -> None:
+    """One byte appended to the cached dataset_demo.json while the work tree also changed: FAIL data:raw_data naming
+    the file, its recorded and actual md5 and what to do, not dvc_data's CheckoutError. DVC itself trusts a
+    read-only cache file unread, so both modes are covered. Following the advice then restores the data."""
+    json_file = flickr_repo / "data" / "01_raw" / "demo" / "flickr_demo" / "dataset_demo.json"
+    recorded_md5 = hashlib.md5(json_file.read_bytes()).hexdigest()
+    run(flickr_repo, sys.executable, "-m", "dvc", "push", "-q")  # the remote holds an intact copy
+    cached = object_path(flickr_repo / ".dvc" / "cache", recorded_md5)
+    cached.chmod(0o644)
+    cached.write_bytes(cached.read_bytes() + b"!")
+    if read_only:
+        cached.chmod(0o444)
+    corrupt_md5 = hashlib.md5(cached.read_bytes()).hexdigest()
+    json_file.write_text('{"images": []}')
+    work_md5 = hashlib.md5(json_file.read_bytes()).hexdigest()
+
+    check, located = raw_data_input(flickr_repo, tmp_path, "corrupt")
+    assert check.name == "data:raw_data" and check.status == "fail" and located.local is None
+    reason = check.reason
+    assert "data/01_raw/demo/flickr_demo/dataset_demo.json" in reason
+    assert "changed 1: flickr_demo/dataset_demo.json" in reason
+    assert f"recorded md5 {recorded_md5}" in reason and f"{cached} hashes to {corrupt_md5}" in reason
+    assert f"the work tree's copy hashes to {work_md5}" in reason
+    assert f"rm -f {cached}" in reason and "dvc fetch data/01_raw/demo" in reason
+    assert "dvc pull data/01_raw/demo" in reason
+    assert "restore data/01_raw/demo" in reason
+    assert [(o["relpath"], o["md5"], o["actual"]) for o in check.details["dvc_objects"]] == [
+        ("flickr_demo/dataset_demo.json", recorded_md5, corrupt_md5)]
+    # Neither the corrupt object nor the work tree was touched, and nothing was checked out.
+    assert hashlib.md5(cached.read_bytes()).hexdigest() == corrupt_md5 and json_file.read_text() == '{"images": []}'
+    assert not (tmp_path / "corrupt" / "data").exists()
+
+    # The advice works: without the corrupt object the audit fetches the intact one from the remote.
+    cached.unlink()
+    check, located = raw_data_input(flickr_repo, tmp_path, "advised")
+    assert check.status == "pass" and located.source == "remote", check.reason
+    assert (located.local / "flickr_demo" / "dataset_demo.json").read_bytes() == b'{"images": [{"filename": "0.png"}]}'
+
+
+@pytest.mark.parametrize("remote", ["none configured", "without the object"])
+def test_a_missing_cache_object_that_no_remote_has(flickr_repo: Path, tmp_path: Path, hash_state: Path,
+                                                   remote: str) -> None:
+    """The object is in neither the cache nor a remote: FAIL naming the file, its recorded md5 and the work tree's,
+    and what to do (push it from where it is, then fetch; or restore the data)."""
+    json_file = flickr_repo / "data" / "01_raw" / "demo" / "flickr_demo" / "dataset_demo.json"
+    recorded_md5 = hashlib.md5(json_file.read_bytes()).hexdigest()
+    if remote == "none configured":
+        run(flickr_repo, sys.executable, "-m", "dvc", "remote", "remove", "store")
+    else:
+        run(flickr_repo, sys.executable, "-m", "dvc", "push", "-q")
+        object_path(tmp_path / "remote", recorded_md5).unlink()
+    object_path(flickr_repo / ".dvc" / "cache", recorded_md5).unlink()
+    json_file.write_text('{"images": []}')
+    work_md5 = hashlib.md5(json_file.read_bytes()).hexdigest()
+
+    check, located = raw_data_input(flickr_repo, tmp_path, "missing")
+    assert check.name == "data:raw_data" and check.status == "fail" and located.local is None
+    reason = check.reason
+    assert (f"data/01_raw/demo/flickr_demo/dataset_demo.json (recorded md5 {recorded_md5}, missing; the work tree's "
+            f"copy hashes to {work_md5})") in reason
+    assert "dvc push data/01_raw/demo" in reason and "dvc fetch data/01_raw/demo" in reason
+    assert "restore data/01_raw/demo" in reason
+    if remote == "none configured":
+        assert "NoRemoteError" in reason and "dvc remote add -d" in reason
+    else:
+        assert "neither the cache nor the remote has it" in reason
+        assert f"the remote 'store' ({tmp_path / 'remote'})" in reason
+    objects = check.details["dvc_objects"]
+    assert [(o["relpath"], o["actual"]) for o in objects] == [("flickr_demo/dataset_demo.json", None)]
 
 
 def test_without_dvc_the_work_tree_must_match(tmp_path: Path, hash_state: Path) -> None:

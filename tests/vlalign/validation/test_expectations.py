@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
+from shared import png_bomb
 
 from vlalign.data.demo import DemoConfig, generate_demo_dataset
 from vlalign.data.formats import MANIFEST_COLUMNS, load_corpus
+from vlalign.data.images import DEFAULT_MAX_PIXELS, ImageAccessError, declared_size, open_image
 from vlalign.errors import DatasetFormatError, ValidationFailedError
 from vlalign.validation.expectations import ValidationConfig, expectation_names, validate_manifest
 from vlalign.validation.quarantine import enforce_threshold
@@ -262,6 +264,39 @@ def test_non_regular_and_oversized_images_are_not_read(manifest, bad_files):
     for name in ("large", "large_truncated"):  # the truncated one would fail to decode: it was never decoded
         assert q.loc[f"new-{name}", "failed_expectations"] == "image_max_pixels"
         assert "400x400 = 160,000 pixels, more than max_image_pixels=100,000" in q.loc[f"new-{name}", "reason"]
+
+
+def test_a_png_bomb_is_quarantined_by_our_pixel_check_before_pillows(manifest, flickr, monkeypatch):
+    """A 14 KB PNG declaring 60000x60000 pixels: Image.open itself would raise DecompressionBombError (above
+    2 x Image.MAX_IMAGE_PIXELS), so it would be quarantined as image_decodes. It must fail our image_max_pixels check
+    instead, with its declared size in the reason, and Pillow must neither run its bomb check on it nor decode it."""
+    bomb = png_bomb(flickr / "images" / "bomb.png")
+    assert 12_000 < bomb.stat().st_size < 16_000
+    limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(Image.DecompressionBombError):  # what happened before: Pillow's guard, not ours
+        Image.open(bomb)
+    bomb_checked, loaded = [], []
+    real_check, real_load = Image._decompression_bomb_check, ImageFile.ImageFile.load
+    monkeypatch.setattr(Image, "_decompression_bomb_check", lambda size: bomb_checked.append(size) or real_check(size))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loaded.append(self.size) or real_load(self))
+
+    bad = manifest.copy()
+    i = _row(bad, "en", "train")
+    _with_new_image(bad, i, str(bomb))
+    result = validate_manifest(bad, ValidationConfig())  # the default limit: 64,000,000 pixels
+    q = result.quarantine
+    assert q["failed_expectations"].tolist() == ["image_max_pixels"]
+    reason = q["reason"].iloc[0]
+    assert (f"image {bomb} is 60000x60000 = 3,600,000,000 pixels, more than max_image_pixels={DEFAULT_MAX_PIXELS:,}; "
+            "it was not decoded") in reason
+    assert "DecompressionBomb" not in reason
+    with open(bomb, "rb") as handle:
+        assert declared_size(handle) == (60_000, 60_000) and handle.tell() == 0
+    with pytest.raises(ImageAccessError, match=r"60000x60000 = 3,600,000,000 pixels, more than the 64,000,000 allowed"):
+        open_image(str(bomb), [str(flickr / "images")])
+    assert (60_000, 60_000) not in bomb_checked and (60_000, 60_000) not in loaded
+    assert loaded and bomb_checked  # the spies saw the other images, which were decoded with the guard on
+    assert Image.MAX_IMAGE_PIXELS == limit
 
 
 def test_bad_manifest_shape_is_an_error(manifest):
