@@ -181,6 +181,25 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` says."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_host() -> dict[str, Any]:
+    """The machine without loading torch: CPU model, the flags that matter, cores."""
+    return {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count()}
+
+
 def _verbose_probe() -> dict[str, str | None]:
     """What MKL and oneDNN say about themselves when they run: MKL's CNR branch and oneDNN's ISA (their verbose
     lines, captured from file descriptor 1 while one small GEMM and one convolution run)."""
@@ -242,6 +261,7 @@ def describe(device: Any = None) -> dict[str, Any]:
         "mkl_cnr": _PROBE.get("mkl_cnr"),
         "onednn": _library_version(r"MKL-DNN v([\d.]+)") if torch.backends.mkldnn.is_available() else None,
         "onednn_isa": _PROBE.get("onednn_isa"),
+        "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),

@@ -250,16 +250,6 @@ def package_versions(names: Sequence[str] = TRACKED_PACKAGES) -> dict[str, str]:
     return versions
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _ram_bytes() -> int | None:
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -283,7 +273,7 @@ def hardware() -> dict[str, Any]:
                          "capability": f"{props.major}.{props.minor}"})
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": reproducibility.cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_usable": usable,
         "ram_bytes": _ram_bytes(),
