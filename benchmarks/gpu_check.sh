@@ -27,7 +27,9 @@ run() {  # run NAME TIMEOUT CMD...: log to $OUT/NAME.log, keep going on failure
   [ $rc -eq 0 ] || status=1
 }
 
-run gpu_tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/vlalign/train/test_engine.py tests/vlalign/losses
+# deterministic cuBLAS for the bit-exact resume test (test_a_bf16_stage_interrupted_then_rerun_...[cuda])
+run gpu_tests 150 env CUBLAS_WORKSPACE_CONFIG=:4096:8 \
+  $PY -m pytest -q -m gpu -p no:cacheprovider tests/vlalign/train/test_engine.py tests/vlalign/losses
 run gpu_train 300 $PY benchmarks/gpu_train.py --batch 256 --steps 20 "${VOCAB[@]}" --out "$OUT/gpu_train.json"
 run gpu_loss 150 $PY benchmarks/gpu_loss.py --quick --out "$OUT/gpu_loss.json"
 exit $status

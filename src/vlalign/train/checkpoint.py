@@ -141,6 +141,16 @@ class CheckpointStore:
         path = self.directory / pointer.read_text(encoding="utf-8").strip()
         return path if path.is_file() else None
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files that a process killed while writing left in this store (the ``.final.pt.*.tmp``
+        and ``.step-*.pt.*.tmp`` files of :func:`save_checkpoint`, the ``.LATEST.*`` files of :meth:`save`) and
+        return them. Training calls it on start, before any write: a store has one writer at a time."""
+        found = [*self.directory.glob(f".{self.final_path.name}.*.tmp"), *self.steps_dir.glob(".step-*.pt.*.tmp"),
+                 *self.steps_dir.glob(".LATEST.*")]
+        for path in found:
+            path.unlink(missing_ok=True)
+        return found
+
     def save(self, ckpt: dict[str, Any], name: str) -> Path:
         """Atomically write ``final.pt`` (``name == "final"``) or ``checkpoints/<name>.pt``, point ``LATEST`` at
         it, and prune old step checkpoints."""

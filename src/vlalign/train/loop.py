@@ -253,6 +253,11 @@ def train_stage(
     source = build_train_data(data, model_cfg, stage, dist, runtime)
     plan = {"world_size": dist.world_size, "num_workers": stage.num_workers} if isinstance(source, ShardData) else {}
     inputs = {"data_sha256": source.fingerprint(), "init_weights_sha256": weights_fingerprint(init), "plan": plan}
+    if dist.is_main:
+        stale = store.remove_stale_temporaries()
+        if stale:
+            log.warning("%s: removed %d temporary file(s) a killed run left: %s", store.directory, len(stale),
+                        ", ".join(p.name for p in stale))
     resume = _stored_run(store, model_cfg, stage, inputs)
     if resume is not None and resume["completed"]:
         return resume

@@ -54,9 +54,12 @@ class TrainSpec:
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:
-        """Write the spec as JSON, atomically (temporary file + rename)."""
+        """Write the spec as JSON, atomically (temporary file + rename), first deleting the temporary files of this
+        target that a killed process left."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*"):
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(self.to_dict(), handle, indent=2, sort_keys=True)

@@ -288,11 +288,54 @@ def test_device_setting_is_honoured(tmp_path, manifest) -> None:  # noqa: F811
         _stage(accumulate=3)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
-def test_a_stage_runs_on_the_gpu_in_bf16_and_resumes(tmp_path, manifest) -> None:  # noqa: F811
-    stage = _stage(device="cuda", precision="bf16", max_steps=4, checkpoint_every=2)
-    store = CheckpointStore(tmp_path / "gpu")
-    final = train_stage(_cfg(), stage, manifest, None, store)
-    assert "cuda" in final["rng"] and final["completed"]
+class StopAt:
+    """Records the steps it sees; raises KeyboardInterrupt at ``stop`` (an interrupted run)."""
+
+    def __init__(self, stop: int | None = None) -> None:
+        self.stop, self.steps = stop, []
+
+    def on_step(self, step, metrics):
+        self.steps.append(step)
+        if step == self.stop:
+            raise KeyboardInterrupt(f"stopped at step {step}")
+
+    def on_checkpoint(self, path, step):
+        pass
+
+
+@pytest.fixture
+def deterministic_kernels():
+    """Deterministic CUDA kernels (cuDNN, and torch's deterministic variants of atomic-add kernels) for one test, so
+    two runs on one GPU may be compared bit for bit; benchmarks/gpu_check.sh sets CUBLAS_WORKSPACE_CONFIG for cuBLAS."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_a_bf16_stage_interrupted_then_rerun_resumes_to_the_same_weights(tmp_path, manifest, device,  # noqa: F811
+                                                                          deterministic_kernels) -> None:
+    # 4 steps an epoch: the checkpoint at step 3 is mid-epoch; the run stops at step 5 and the rerun resumes from 3
+    stage = _stage(device=device, precision="bf16", batch_size=4, max_steps=6, checkpoint_every=3)
+    reference = train_stage(_cfg(), stage, manifest, None, CheckpointStore(tmp_path / "reference"))
+    store = CheckpointStore(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(_cfg(), stage, manifest, None, store, callbacks=[StopAt(5)])
+    assert load_checkpoint(store.latest())["step"] == 3
+    seen = StopAt()
+    final = train_stage(_cfg(), stage, manifest, None, store, callbacks=[seen])
+    assert seen.steps == [4, 5, 6] and final["completed"]  # resumed after step 3, not restarted
+    assert [h["loss"] for h in final["history"]] == [h["loss"] for h in reference["history"]]
+    assert final["model"].keys() == reference["model"].keys()
+    for key, value in reference["model"].items():
+        assert torch.equal(final["model"][key], value), key
     assert all(v.device.type == "cpu" for v in final["model"].values())  # checkpoints are device-free
+    assert device == "cpu" or "cuda" in final["rng"]  # the CUDA generator's state is checkpointed and restored

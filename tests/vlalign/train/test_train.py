@@ -17,6 +17,7 @@ from vlalign.errors import CheckpointError, ConfigError
 from vlalign.models import build_model, build_tokenizer_for, build_transform, get_model_config
 from vlalign.train import CheckpointStore, StageConfig, load_checkpoint, model_from_checkpoint, save_checkpoint, train_stage
 from vlalign.train.optim import WarmupCosine, build_optimizer, no_decay_names
+from vlalign.train.spec import TrainSpec
 
 from shared import TINY, make_manifest
 
@@ -116,6 +117,28 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, manifest, model_
         assert torch.equal(resumed["model"][key], value), key
     assert sorted(p.name for p in store.steps_dir.glob("step-*.pt")) == ["step-00000008.pt", "step-00000010.pt"]
 
+
+
+def test_the_next_run_removes_the_temporary_files_a_killed_write_left(tmp_path, manifest, model_cfg) -> None:
+    stage = _stage(max_steps=4, checkpoint_every=2)
+    store = CheckpointStore(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(model_cfg, stage, manifest, None, store, callbacks=[Recorder(crash_at=3)])
+    # what a SIGKILL in the middle of save_checkpoint or CheckpointStore.save leaves (their mkstemp names)
+    stale = [store.steps_dir / ".step-00000004.pt.k1ll3d.tmp", store.steps_dir / ".LATEST.k1ll3d",
+             store.directory / ".final.pt.k1ll3d.tmp"]
+    kept = [store.directory / "notes.txt", store.steps_dir / "step-00000002.pt"]
+    for path in [*stale, store.directory / "notes.txt"]:
+        path.write_bytes(b"partial")
+    resumed_cb = Recorder()
+    final = train_stage(model_cfg, stage, manifest, None, store, callbacks=[resumed_cb])
+    assert resumed_cb.steps[0][0] == 3 and final["completed"]  # resumed from step 2's checkpoint
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+    spec = TrainSpec(model=model_cfg.to_dict(), stage=stage.to_dict(), data="unused", out_dir=str(store.directory))
+    (store.directory / ".spec.json.k1ll3d").write_text("{", encoding="utf-8")
+    spec.save(store.directory / "spec.json")
+    assert sorted(p.name for p in store.directory.iterdir()) == ["checkpoints", "final.pt", "notes.txt", "spec.json"]
 
 def test_stage1_trains_only_projections_and_stage2_starts_from_it(tmp_path, manifest, model_cfg) -> None:
     torch.manual_seed(0)
