@@ -68,7 +68,12 @@ def _rerank_block(data: Path) -> dict:
     metrics = json.loads((data / "08_reporting" / "metrics.json").read_text())
     block = metrics["itm_rerank"]
     assert block["k_test"] == 128 and set(block["metrics"]) == set(block["itc_metrics"]) == set(metrics["retrieval"]["metrics"])
-    assert block["itc_metrics"] == pytest.approx(metrics["retrieval"]["metrics"])  # ITC-only = the retrieval block
+    # ITC-only = the retrieval block, exactly: rerank_inputs and embed_images/embed_texts run the same ops on the same
+    # shapes here (all captions in one batch of evaluation.batch_size 256, one chunk of 1024 queries), so the same
+    # kernels give the same bits on any CPU. With more captions their batches differ, the cosines may differ in the
+    # last bit, and only a near-tie-tolerant comparison holds (tests/vlalign/eval/test_rerank.py).
+    assert block["n_captions"] <= 256
+    assert block["itc_metrics"] == pytest.approx(metrics["retrieval"]["metrics"])
     assert "itm_rerank" not in metrics["evaluation_data"]["blocks"]  # same evaluation data as a dual encoder's
     report = (data / "08_reporting" / "report" / "report.md").read_text(encoding="utf-8")
     assert "retrieval with ITM re-ranking" in report and "(ITC only)" in report

@@ -16,7 +16,10 @@ the scores agree to float rounding (tests/vlalign/eval/test_rerank.py) and bench
 and FLOPs of the two.
 
 Ranks use the pessimistic tie rule of :mod:`vlalign.eval.retrieval`, so the ITC-only metrics here equal
-:func:`~vlalign.eval.retrieval.retrieval_metrics` exactly.
+:func:`~vlalign.eval.retrieval.retrieval_metrics` of the same embeddings exactly, and the candidate lists break ITC
+ties by index, so metrics depend on the scores only, never on a kernel's order among equal ones. Two paths that
+compute the same scores in another order (cached and uncached fusion, or another CPU's kernels) can still differ
+in the last bits and so flip a near-tie: compare their scores within a rounding tolerance, not their metrics.
 """
 
 from __future__ import annotations
@@ -122,12 +125,21 @@ def pair_scores_cached(model: nn.Module, image_tokens: torch.Tensor, text_tokens
 # ------------------------------------------------------------------------------------------------ re-ranking
 
 
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(Q, C) scores -> (Q, min(k, C)) indices of each row's k best, best first; equal scores in index order.
+
+    ``torch.topk`` (and an unstable sort) may return tied candidates in any order, which differs between CPU
+    kernels, so which of several equal candidates makes the cut would depend on the machine. A stable descending
+    sort keeps ties in index order: the lower index is ranked first, on any device and kernel.
+    """
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]  # (Q, k)
+
+
 def candidate_lists(image_emb: torch.Tensor, text_emb: torch.Tensor, k_test: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top ``k_test`` by ITC: captions per image (N, k) and images per caption (M, k')."""
+    """The top ``k_test`` by ITC: captions per image (N, k) and images per caption (M, k'); ties go to the lower
+    index (:func:`top_k_indices`)."""
     sims = image_emb @ text_emb.T  # (N, M)
-    i2t = sims.topk(min(k_test, sims.shape[1]), dim=1).indices  # (N, k)
-    t2i = sims.T.topk(min(k_test, sims.shape[0]), dim=1).indices  # (M, k')
-    return i2t, t2i
+    return top_k_indices(sims, k_test), top_k_indices(sims.T, k_test)  # (N, k), (M, k')
 
 
 def _pairs(i2t: torch.Tensor, t2i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 from vlalign.data.transforms import build_transform
 from vlalign.models.clip import CLIPModel
-from vlalign.models.registry import build_model, list_archs, mark_never_trainable, register_arch
+from vlalign.models.registry import (
+    apply_parameter_constraints, build_model, list_archs, mark_never_trainable, register_arch,
+)
 from vlalign.models.config import ImageTowerConfig, ModelConfig, TextTowerConfig, get_model_config, list_models
 from vlalign.models.towers import build_tokenizer_for
 
@@ -11,6 +13,7 @@ __all__ = [
     "ImageTowerConfig",
     "ModelConfig",
     "TextTowerConfig",
+    "apply_parameter_constraints",
     "build_model",
     "list_archs",
     "mark_never_trainable",

@@ -49,8 +49,28 @@ class CLIPModel(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale) clamped at ``max_logit_scale``: the inverse temperature 1/tau, shape ()."""
-        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+        """exp(logit_scale), at most ``max_logit_scale``: the inverse temperature 1/tau, shape ().
+
+        Training keeps the parameter in [0, ln max_logit_scale] by :meth:`constrain_parameters_` after every
+        optimizer step (open_clip's ``logit_scale.clamp_(0, math.log(100))``), so the gradient flows at every value
+        the parameter can take, the cap included. This forward guard only caps values *above* the bound (weights
+        from before that constraint existed, or edited by hand), and it keeps the gradient at the bound itself:
+        ``Tensor.clamp`` with a number as bound gives gradient 0 at equality in torch 2.14, which would freeze a
+        parameter that the in-place clamp has just set to the cap.
+        """
+        cap = self.logit_scale.new_tensor(self.max_log_scale)  # () in the parameter's dtype, as the in-place clamp
+        return torch.where(self.logit_scale > cap, cap, self.logit_scale).exp()  # ()
+
+    @torch.no_grad()
+    def constrain_parameters_(self) -> None:
+        """Project this module's own bounded parameters back into range, in place (called after every optimizer
+        step through :func:`vlalign.models.registry.apply_parameter_constraints`): ``logit_scale`` into
+        [0, ln max_logit_scale], i.e. 1 <= exp(logit_scale) <= max_logit_scale (temperature in
+        [1/max_logit_scale, 1]), as open_clip. A frozen ``logit_scale`` is left as loaded (frozen weights never
+        change; :meth:`scale` caps it). ``logit_bias`` (SigLIP) has no bound, as in big_vision and open_clip."""
+        if self.logit_scale.requires_grad:
+            cap = self.logit_scale.new_tensor(self.max_log_scale)  # () rounded as in scale(), so equality passes there
+            self.logit_scale.clamp_(0.0, float(cap))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute tower activations in the backward pass instead of storing them (less memory, more compute)."""

@@ -117,7 +117,7 @@ class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)  # image tower
     text: TextTowerConfig = field(default_factory=TextTowerConfig)  # text tower
     init_temperature: float = 0.07  # initial softmax temperature tau; logit_scale starts at ln(1 / tau)
-    max_logit_scale: float = 100.0  # exp(logit_scale) is clamped at this value in forward
+    max_logit_scale: float = 100.0  # cap of exp(logit_scale): the parameter is clamped to [0, ln cap] after every step
     init_logit_bias: float | None = None  # a learnable logit bias starting here (SigLIP: -10); None = no bias
 
     def __post_init__(self) -> None:

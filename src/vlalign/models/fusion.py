@@ -244,8 +244,9 @@ class CaptionDecoder(nn.Module):
 
 def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus (top-p) sampling distribution: keep the smallest set of most likely tokens whose mass reaches
-    ``top_p`` (always at least the top one), renormalised. ``probs`` (B, V) rows summing to 1 -> (B, V)."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+    ``top_p`` (always at least the top one), renormalised. ``probs`` (B, V) rows summing to 1 -> (B, V).
+    Equally likely tokens are taken in vocabulary order (a stable sort), so the kept set never depends on the kernel."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V) mass of the strictly more likely tokens
     keep_sorted = before < top_p  # the first token always (before = 0 < top_p)
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # (B, V) back in vocabulary order

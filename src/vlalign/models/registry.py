@@ -7,9 +7,13 @@ the arch::
 
     model.encode_image(pixels (B, 3, H, W), normalize=True) -> (B, D)
     model.encode_text(input_ids (B, L), attention_mask (B, L), normalize=True) -> (B, D)
-    model.scale() -> ()                    # the clamped inverse temperature
+    model.scale() -> ()                    # the inverse temperature, at most max_logit_scale
     model(batch: dict) -> dict             # at least image_features, text_features, logit_scale
     model.config                           # its ModelConfig
+
+A module with bounded parameters (the dual encoder's ``logit_scale``) defines ``constrain_parameters_()``, which
+projects its own parameters back into range in place; the training loop calls :func:`apply_parameter_constraints` on the
+unwrapped model after every optimizer step, so no arch needs a line of its own in the loop.
 
 Checkpoints record the config (with its ``arch``), and :func:`vlalign.train.checkpoint.model_from_checkpoint`
 rebuilds through :func:`build_model`, so loading dispatches on the arch.
@@ -21,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlalign.errors import ConfigError, dataclass_from_mapping
@@ -115,3 +120,26 @@ def never_trainable_names(model: nn.Module) -> set[str]:
         if getattr(module, NEVER_TRAINABLE, False):
             names.update(f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters())
     return names
+
+
+# ------------------------------------------------------------------------------------------------
+# Bounded parameters: projected back into range after every optimizer step
+# ------------------------------------------------------------------------------------------------
+
+CONSTRAIN_HOOK = "constrain_parameters_"  # method a module defines to clamp its own parameters in place
+
+
+@torch.no_grad()
+def apply_parameter_constraints(model: nn.Module) -> list[str]:
+    """Call ``constrain_parameters_()`` on every submodule of ``model`` (itself included) that defines it, each
+    clamping its *own* parameters in place (projected gradient descent, as open_clip's
+    ``logit_scale.clamp_(0, math.log(100))`` after each step). Returns the qualified names of the modules called,
+    root as ``""``. Call it on the unwrapped model after ``optimizer.step()`` and before anything copies the weights
+    (an EMA teacher), so every copy sees the constrained values."""
+    called = []
+    for name, module in model.named_modules():
+        hook = getattr(module, CONSTRAIN_HOOK, None)
+        if callable(hook):
+            hook()
+            called.append(name)
+    return called

@@ -1,6 +1,7 @@
 """One training stage: the loop behind ``vlalign train``, the Kedro training node, torchrun and a Kubernetes pod.
 
-The loop calls ``model(batch)`` (one dict in, one dict out), the stage's objective, backward, the optimizer, and
+The loop calls ``model(batch)`` (one dict in, one dict out), the stage's objective, backward, the optimizer, the
+model's parameter constraints (:func:`~vlalign.models.registry.apply_parameter_constraints`), and
 ``objective.after_step``; it logs every loss term. It knows neither the model type (the arch registry builds it) nor
 the world size (the runtime wraps the model in DDP and the data source splits the batches); device and precision are
 applied in one place (:class:`~vlalign.train.runtime.Runtime`). It is resumable step by step: checkpoints hold the
@@ -29,7 +30,7 @@ from vlalign.data.transforms import build_transform
 from vlalign.distributed.context import DistContext, all_reduce_mean, current
 from vlalign.errors import CheckpointError, ConfigError, DatasetFormatError
 from vlalign.models.config import ModelConfig
-from vlalign.models.registry import build_model
+from vlalign.models.registry import apply_parameter_constraints, build_model
 from vlalign.models.towers import build_tokenizer_for
 from vlalign.objectives import Objective, ObjectiveContext, build_objective
 from vlalign import reproducibility
@@ -365,6 +366,7 @@ def train_stage(
                 optimizer.zero_grad(set_to_none=True)
                 terms = train_step(wrapped, objective, runtime, batch, stage.accumulate)
                 runtime.step(optimizer, params, stage.grad_clip)
+                apply_parameter_constraints(model)  # bounded parameters back in range, before any EMA copy reads them
                 scheduler.step()
                 step, position = step + 1, position + 1
                 objective.after_step(model, step)

@@ -50,7 +50,11 @@ def random_problem(seed, n_images=30, dim=16, max_captions=4, integer=False):
     """Random embeddings with 1..max_captions captions per image, shuffled.
 
     With ``integer=True`` entries are small integers: dot products are exact in any summation
-    order (so results cannot depend on chunking) and exact ties are frequent.
+    order (so results cannot depend on chunking) and exact ties are frequent. Otherwise they are
+    near-unit vectors snapped to multiples of 2**-8: every product is a multiple of 2**-16 below
+    ``dim`` in size, which float32's 24-bit significand holds exactly, so the scores too are exact
+    in any order (any chunking, BLAS kernel or CPU, and equal to the float64 reference) while ties
+    stay rare. Unsnapped floats could differ in the last bit between two products and flip a near-tie.
     """
     gen = torch.Generator().manual_seed(seed)
     per_image = torch.randint(1, max_captions + 1, (n_images,), generator=gen)
@@ -62,6 +66,8 @@ def random_problem(seed, n_images=30, dim=16, max_captions=4, integer=False):
     else:
         image_emb = F.normalize(torch.randn(n_images, dim, generator=gen), dim=-1)
         text_emb = F.normalize(image_emb[text_to_image] + 0.8 * torch.randn(len(text_to_image), dim, generator=gen), dim=-1)
+        assert dim <= 2**8  # |score| <= dim on a 2**-16 grid: at most 24 significant bits
+        image_emb, text_emb = torch.round(image_emb * 2**8) / 2**8, torch.round(text_emb * 2**8) / 2**8
     return image_emb, text_emb, text_to_image
 
 

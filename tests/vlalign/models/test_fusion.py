@@ -88,6 +88,14 @@ def test_nucleus_filter_keeps_the_smallest_top_mass() -> None:
     assert torch.allclose(nucleus_filter(probs, 1.0), probs)
 
 
+def test_nucleus_filter_takes_equally_likely_tokens_in_vocabulary_order() -> None:
+    """Which of two equally likely tokens makes the cut must not depend on the sort kernel (a stable sort)."""
+    got = nucleus_filter(torch.tensor([[0.1, 0.2, 0.1, 0.2, 0.1, 0.3]]), 0.45)  # 0.3, then token 1 before token 3
+    assert torch.allclose(got, torch.tensor([[0.0, 0.4, 0.0, 0.0, 0.0, 0.6]]))
+    got = nucleus_filter(torch.full((1, 8), 0.125), 0.45)
+    assert torch.allclose(got, torch.tensor([[0.25] * 4 + [0.0] * 4]))  # the first four of eight equal tokens
+
+
 def test_generate_samples_captions_that_end_and_never_use_banned_tokens() -> None:
     model = _model()
     generator = torch.Generator().manual_seed(0)
