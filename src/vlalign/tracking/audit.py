@@ -1209,6 +1209,10 @@ def audit(config: AuditConfig, client: Any = None) -> AuditReport:
                 blocks = evaluate_inputs(checkpoint, manifest, inputs)
             check = check_metrics(recorded_metrics, flat_block_metrics(blocks), config.tolerance)
             check.details["torch_threads"] = threads
+            numerics = reproducibility.differences(lineage.get("numerics"), reproducibility.describe())
+            check.details["numerics_differences"] = numerics
+            if check.status == FAIL and numerics:  # say what else differed from the evaluation that was recorded
+                check.reason += f" This machine evaluates with other numerics: {'; '.join(numerics[:4])}."
             checks.append(check)
 
         if config.retrain:
