@@ -309,7 +309,7 @@ def _cuda_driver() -> str | None:
 #: also the CPU's own capabilities (which portable mode pins away), and on GPU.
 CPU_DECIDING = ("mode", "torch", "aten_cpu_capability", "mkl", "mkl_cnr", "onednn", "onednn_isa", "threads")
 NATIVE_DECIDING = ("mkl_host", "cpu_flags")
-GPU_DECIDING = ("name", "capability", "cuda", "cudnn", "tf32_matmul", "cudnn_deterministic")
+GPU_DECIDING = ("name", "capability", "driver", "cuda", "cudnn", "nccl", "tf32_matmul", "cudnn_deterministic")
 
 
 def differences(recorded: Mapping[str, Any] | None, here: Mapping[str, Any]) -> list[str]:

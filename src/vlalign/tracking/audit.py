@@ -26,7 +26,13 @@ An audit downloads a version's ``lineage.json`` (and the artifacts stored beside
 ``retrain:<stage>`` / ``retrain:merged`` (``--retrain``)
     each stage's recorded TrainSpec, run again on CPU into a temporary folder from the audited inputs (a stage
     that started from another stage starts from its retrained weights), gives the recorded ``weights_sha256``
-    bit for bit, and so does merging the retrained stages with the recorded beta.
+    bit for bit, and so does merging the retrained stages with the recorded beta. Each stage runs in its own
+    process in its recorded reproducibility mode; a different hash FAILs where the recorded numerics say this
+    machine computes as the recorded run did, and is SKIPped naming the differences where it cannot (another GPU,
+    a native run with other kernels, or initial weights from such a stage).
+``retrain:metrics-within-tolerance`` (only when a stage's bits could not be promised)
+    the retrained counterpart of the registered model reproduces every registered metric within
+    ``retrain_tolerance``.
 
 A check that cannot run because an earlier one failed is skipped and says why; the audit passes when no check
 fails. :func:`write_report` writes ``audit.md`` and ``audit.json``; :func:`log_report` stores them in the
@@ -975,11 +981,12 @@ def check_retrain(lineage: Mapping[str, Any], located: Mapping[str, Located], re
             why = "is not a recorded input" if data_loc is None else f"is not available (see data:{data_loc.name})"
             checks.append(Check(f"retrain:{name}", FAIL if data_loc is None else SKIP, f"its training data {spec.data} {why}."))
             continue
-        init = None
+        init, init_stage = None, None
         if spec.init:
             init_path = recorded_path(spec.init, root)
             if init_path in stage_files:
-                init = retrained.get(stage_files[init_path])
+                init_stage = stage_files[init_path]
+                init = retrained.get(init_stage)
                 missing = None if init else f"stage {stage_files[init_path]} was not retrained"
             else:
                 loc = by_path.get(init_path)
@@ -1001,6 +1008,9 @@ def check_retrain(lineage: Mapping[str, Any], located: Mapping[str, Located], re
         actual = weights_sha256(ckpt["model"])
         expected = (outputs.get(name) or {}).get("weights_sha256")
         promised, diffs = reproducibility.can_reproduce_bits(recorded_numerics, ckpt.get("numerics") or {})
+        if init_stage in result.unpromised:  # it started from weights whose bits could not be promised either
+            promised, diffs = False, [f"initial weights: the retrained {init_stage}, whose bits could not be promised",
+                                      *diffs]
         details = {"expected": expected, "actual": actual, "steps": ckpt.get("step"), "mode": stage["reproducibility"],
                    "numerics_differences": diffs}
         if actual == expected:

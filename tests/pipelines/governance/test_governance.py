@@ -3,9 +3,12 @@ made once for this module.
 
 `vlalign audit`: it passes on the untouched version (the retrain reproduces every weight hash bit for bit), and
 each tampering (the data, the code, the commit, the registered weights) fails the check it concerns with a reason
-that says what differs. The retrain pipeline: nothing changed -> nothing trained, nothing registered, and it says
-so; a changed configuration -> trained (from the champion), registered, and a failed gate leaves the champion in
-place and says why; the same change again -> not trained twice; the retrained version passes `--retrain`.
+that says what differs. `--retrain`: a recorded training changed slightly (lr x1.01) fails its stage although this
+machine computes as the recorded run did; a stage recorded with other numerics (native, other kernels) is skipped
+naming them, and the retrained model's metrics are checked within a tolerance instead. The retrain pipeline:
+nothing changed -> nothing trained, nothing registered, and it says so; a changed configuration -> trained (from
+the champion), registered, and a failed gate leaves the champion in place and says why; the same change again ->
+not trained twice; the retrained version passes `--retrain`.
 
 The checkout holds the project's pyproject.toml, conf/, src/ and .gitignore, committed, so the lineage records a
 real commit and a clean tree; its MLflow store is a sqlite file inside it. Tests that change something put it back.
@@ -81,8 +84,10 @@ def governed(tmp_path_factory: pytest.TempPathFactory) -> dict:
         run_pipeline(project)
         data = project / "data" / "runs" / "test" / "default"
         registered = json.loads((data / "08_reporting" / "registered_model.json").read_text())
+        # "work": the audits' shared work_dir. A stage whose completed retrain there has the same spec, data and
+        # initial weights is reused by the trainer instead of trained again (vlalign.train.loop._stored_run).
         yield {"project": project, "data": data, "registered": registered,
-               "uri": f"models:/{registered['name']}@champion", "root": root}
+               "uri": f"models:/{registered['name']}@champion", "root": root, "work": root / "audit-work"}
         mlflow.set_tracking_uri(None)
 
 def statuses(report) -> dict[str, str]:
@@ -103,17 +108,29 @@ def restored(path: Path):
         path.write_bytes(original)
 
 
-def stored_checkpoint(name: str, version: str) -> Path:
-    """The checkpoint file the registry stores for a version (inside the logged model's artifacts)."""
+def stored_artifact(name: str, version: str, filename: str = "model.pt") -> Path:
+    """A file the registry stores for a version (inside the logged model's artifacts): the checkpoint, lineage.json."""
     source = MlflowClient().get_model_version(name, version).source
     logged = mlflow.get_logged_model(source.rsplit("/", 1)[-1])
-    found = list(Path(local_file_uri_to_path(logged.artifact_location)).rglob("model.pt"))
+    found = list(Path(local_file_uri_to_path(logged.artifact_location)).rglob(filename))
     assert len(found) == 1, found
     return found[0]
 
 
+@contextmanager
+def tampered_lineage(governed: dict, edit):
+    """The version's stored lineage.json (what the audit reads) changed by ``edit(lineage)``, then put back."""
+    stored = stored_artifact(governed["registered"]["name"], governed["registered"]["version"], "lineage.json")
+    with restored(stored):
+        lineage = json.loads(stored.read_text())
+        edit(lineage)
+        stored.write_text(json.dumps(lineage, indent=2))
+        yield lineage
+
+
 def test_untouched_version_passes_with_retrain_and_is_logged(governed: dict, tmp_path: Path) -> None:
-    report = run_audit(AuditConfig(governed["uri"], repo=str(governed["project"]), retrain=True), out_dir=tmp_path)
+    report = run_audit(AuditConfig(governed["uri"], repo=str(governed["project"]), retrain=True,
+                                   work_dir=str(governed["work"])), out_dir=tmp_path)
     assert report.passed, "\n".join(report.lines())
     assert statuses(report) == {
         "commit": "pass", "code": "pass", "data:raw_data": "pass", "data:clean_manifest": "pass",
@@ -194,7 +211,7 @@ def test_tampered_code_and_missing_commit_fail(governed: dict, tmp_path: Path) -
 
 def test_tampered_weights_fail(governed: dict) -> None:
     name, version = governed["registered"]["name"], governed["registered"]["version"]
-    stored = stored_checkpoint(name, version)
+    stored = stored_artifact(name, version)
     with restored(stored):
         ckpt = load_checkpoint(stored)
         key = next(k for k in ckpt["model"] if k.startswith("text_proj") and k.endswith("weight"))
@@ -206,6 +223,78 @@ def test_tampered_weights_fail(governed: dict) -> None:
     weights = check(report, "weights").reason
     assert f"lineage outputs.registered = {recorded[:12]}" in weights and "the file's md5 is" in weights
     assert "metrics differ by more than 1e-06: retrieval." in check(report, "metrics").reason
+
+
+def test_retrain_with_another_learning_rate_fails(governed: dict, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """The recorded training of the LAST stage differs slightly (lr x1.01): its retrain, which this machine computes
+    exactly as the recorded run did (portable, CPU), gives other weights, so the audit fails. Tampering the last
+    stage keeps this cheap: stage1's spec, data and initial weights are the recorded ones, so its completed retrain
+    in the shared work_dir (from the untouched audit above, when it ran first) is reused and only stage2 trains."""
+    def faster(lineage: dict) -> None:
+        stage = lineage["stages"]["stage2"]["stage"]
+        stage["lr"] = stage["lr"] * 1.01
+
+    with tampered_lineage(governed, faster):
+        code = vlalign_main(["audit", governed["uri"], "--repo", str(governed["project"]), "--retrain", "--no-log",
+                             "--work-dir", str(governed["work"]), "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 2 and "audit FAILED" in printed, printed
+    report = json.loads((tmp_path / "audit.json").read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["passed"] is False
+    # The merge fails too only if the registered weights depend on stage2: its recorded beta decides (on the demo
+    # data the sweep keeps stage1 alone, so the registered model itself still reproduces).
+    lineage = governed["registered"]["lineage"]
+    merge = lineage["outputs"]["merged"]["merge"]
+    share = merge["beta"] if merge["sources"][0] == "stage2" else 1 - merge["beta"]
+    failed = [c["name"] for c in report["checks"] if c["status"] == "fail"]
+    assert failed == ["retrain:stage2"] + (["retrain:merged"] if share else []), failed
+    assert checks["retrain:stage1"]["status"] == "pass" and "retrain:metrics-within-tolerance" not in checks
+    stage2 = checks["retrain:stage2"]
+    recorded = lineage["outputs"]["stage2"]["weights_sha256"]
+    assert stage2["details"]["expected"] == recorded != stage2["details"]["actual"]
+    assert stage2["details"]["numerics_differences"] == []  # the same numerics: bit equality was promised
+    assert "although this machine computes as the recorded run did (portable)" in stage2["reason"]
+    assert "the training is not the recorded one" in stage2["reason"]
+    assert f"recorded {lineage['outputs']['merged']['weights_sha256'][:12]}" in checks["retrain:merged"]["reason"]
+
+
+def test_retrain_falls_back_to_metrics_where_bits_cannot_be_promised(governed: dict) -> None:
+    """stage1 recorded as run natively on a CPU whose ATen kernels differ from this machine's: its retrain here
+    (native too) cannot promise the recorded bits, so its check is SKIP naming why, and so are stage2 (it starts
+    from stage1's retrained weights) and the merge; the retrained model's metrics are then compared within the
+    retrain tolerance instead. The recorded capability is "DEFAULT" (ATen's non-vectorised kernels): no machine that
+    runs this suite reports it natively (portable mode, which the suite runs in, needs AVX2), so the difference
+    holds on any test machine (an "AVX512" record would equal a native retrain on an AVX-512 host).
+    Both stages retrain (stage1 in native mode, stage2 from its weights): nothing in the work_dir matches."""
+    def native_elsewhere(lineage: dict) -> None:
+        lineage["stages"]["stage1"]["stage"]["reproducibility"] = "native"
+        numerics = lineage["outputs"]["stage1"]["numerics"]
+        assert numerics["mode"] == "portable" and numerics["aten_cpu_capability"].lower() == "avx2"
+        numerics.update(mode="native", aten_cpu_capability="DEFAULT")
+
+    with tampered_lineage(governed, native_elsewhere):
+        report = audit(AuditConfig(governed["uri"], repo=str(governed["project"]), retrain=True, log_to_registry=False,
+                                   retrain_tolerance=0.05, work_dir=str(governed["work"])))
+    assert report.passed, "\n".join(report.lines())
+    assert {name: s for name, s in statuses(report).items() if name.startswith("retrain")} == {
+        "retrain:stage1": "skip", "retrain:stage2": "skip", "retrain:merged": "skip",
+        "retrain:metrics-within-tolerance": "pass"}
+    stage1 = check(report, "retrain:stage1")
+    assert stage1.details["mode"] == "native" and stage1.details["actual"] != stage1.details["expected"]
+    assert "cannot be promised on this machine: aten_cpu_capability: recorded 'DEFAULT', here " in stage1.reason
+    assert "See retrain:metrics-within-tolerance." in stage1.reason
+    stage2 = check(report, "retrain:stage2")
+    assert stage2.details["mode"] == "portable"
+    assert stage2.details["numerics_differences"] == [
+        "initial weights: the retrained stage1, whose bits could not be promised"]
+    assert "needs the retrained" not in check(report, "retrain:merged").reason
+    within = check(report, "retrain:metrics-within-tolerance")
+    assert within.details["max_abs_diff"] <= 0.05 and "tolerance 0.05)" in within.reason
+    assert within.details["n_metrics"] == check(report, "metrics").details["n_metrics"] >= 20
+    assert set(within.details["numerics_differences"]) == {"stage1", "stage2"}
+    assert within.reason.startswith("bit equality could not be promised (stage1: aten_cpu_capability: recorded")
 
 
 # ---------- the retrain pipeline ----------
