@@ -90,11 +90,13 @@ def current_mode() -> str | None:
 
 
 def in_force(mode: str, threads: int | None = None) -> bool:
-    """Whether this process computes in ``mode``: its environment holds the mode's settings (read by the libraries
-    when they loaded) and, once torch is loaded, ATen runs the pinned capability."""
-    wanted = environment(mode, threads)
+    """Whether this process computes in ``mode``: its environment holds the mode's pinned settings (read by the
+    libraries when they loaded) and, once torch is loaded, ATen runs the pinned capability. The thread count is not
+    part of it: :func:`apply_runtime` sets it when a stage starts (torchrun, for one, starts ranks with 1 thread)."""
+    wanted = {k: v for k, v in environment(mode, threads).items() if k in PINNED or k == MODE_ENV}
     if mode == "native":
         wanted = {MODE_ENV: mode}  # native accepts whatever this machine has
+    # threads are not compared: apply_runtime sets them at run time (torch.set_num_threads sets OpenMP's and MKL's)
     if any(os.environ.get(k) != v for k, v in wanted.items()):
         return False
     if mode == "portable" and "torch" in sys.modules:
@@ -113,6 +115,9 @@ def activate(mode: str, threads: int | None = None) -> None:
     """
     check_mode(mode)
     if in_force(mode, threads):
+        if mode == "portable" or threads:  # the thread count is set at run time: record it for child processes
+            for key in (*THREAD_VARS, THREADS_ENV):
+                os.environ[key] = str(int(threads or PORTABLE_THREADS))
         return
     if "torch" in sys.modules:  # the libraries read their settings when they loaded: too late to change them
         raise ReproducibilityError(
