@@ -22,10 +22,11 @@ def test_cli_prints_one_json_measurement(capsys: pytest.CaptureFixture[str]) -> 
 
 @pytest.mark.slow
 def test_naive_peak_is_quadratic_and_a_memory_cap_fails_cleanly() -> None:
-    """At N=2048 the naive loss holds several 16 MiB logit matrices; the tiled one (tile 256) a few 256 KiB tiles."""
+    """At N=2048 the naive loss holds at least 4 16 MiB logit matrices at once (exactly 4 with the portable kernels,
+    more with some native BLAS workspaces); the tiled one (tile 256) a few 256 KiB tiles."""
     naive = loss_bench(2048, 32, "clip", "naive")
     tiled = loss_bench(2048, 32, "clip", "tiled", tile=256)
-    assert naive["peak_bytes"] > 4 * 2048 * 2048 * 4 > 4 * tiled["peak_bytes"]
+    assert naive["peak_bytes"] >= 4 * 2048 * 2048 * 4 > 4 * tiled["peak_bytes"]
     capped = loss_bench(4096, 32, "clip", "naive", mem_limit_mib=32)
     assert capped["peak_bytes"] is None and "out of memory" in capped["error"]
 
