@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from vlalign.errors import find_vlalign_error, format_report
+from vlalign.errors import ConfigError, find_vlalign_error, format_report
 
 #: ``vlalign audit --retrain-tolerance`` default (vlalign.tracking.audit.DEFAULT_RETRAIN_TOLERANCE; no torch here).
 DEFAULT_RETRAIN_TOLERANCE = 0.05
@@ -28,8 +28,11 @@ LOG_DIR_ENV_VAR = "VLALIGN_LOG_DIR"
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vlalign.data.demo import DemoConfig, generate_demo_dataset
 
-    overrides = json.loads(args.config) if args.config else {}
-    root = generate_demo_dataset(Path(args.root), DemoConfig(**overrides))
+    try:
+        overrides = json.loads(args.config) if args.config else {}
+    except ValueError as exc:
+        raise ConfigError(f"vlalign demo --config: not JSON ({exc}); e.g. '{{\"noise_fraction\": 0.2}}'.") from None
+    root = generate_demo_dataset(Path(args.root), DemoConfig.from_mapping(overrides, "vlalign demo --config"))
     print(f"default dataset ready at {root}")
     return 0
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def _ensure_demo(demo_root: str | None, demo_config: dict[str, Any] | None) -> None:
     """Generate the built-in default dataset under ``demo_root`` when it is absent (seeded, offline)."""
     if demo_root:
-        generate_demo_dataset(Path(demo_root), DemoConfig(**(demo_config or {})))
+        generate_demo_dataset(Path(demo_root), DemoConfig.from_mapping(demo_config, "globals demo_config"))
 
 
 class ImageCaptionCorpusDataset(AbstractDataset[None, pd.DataFrame]):

@@ -56,6 +56,27 @@ def test_recipes_combine_with_an_environment_and_a_model_name() -> None:
     assert cfg.arch_options == {"fusion_layers": 6, "decoder_layers": 0, "mlm_head": True, "mlp_ratio": 4, "dropout": 0.0}
 
 
+def test_shipped_albef_and_blip_recipes_keep_the_conventions_they_were_measured_with() -> None:
+    """The objectives' defaults are the papers' pre-training conventions (docs/conventions.md); the shipped recipes
+    set the values their results were measured with until a measurement says otherwise."""
+    from vlalign.objectives.registry import objective_options
+    from vlalign_pipelines.recipes import resolve_stages
+    from vlalign_pipelines.settings import CONFIG_LOADER_ARGS, RunConfigLoader
+
+    params = RunConfigLoader(str(REPO / "conf"), "local", None, **CONFIG_LOADER_ARGS)["parameters"]
+    measured = {"itm_negatives": "student", "negative_weight_floor": 0.0, "mask_same_image": True,
+                "mlm_mask_sep": False, "alpha_ramp_epochs": 1.0, "queue_init": "empty"}
+    for recipe in ("albef", "blip"):
+        for stage in resolve_stages(params["training"], recipe):
+            options = objective_options(stage["objective"], stage["objective_options"])
+            matters = {"itm_negatives": options.itm_weight > 0, "negative_weight_floor": options.itm_weight > 0,
+                       "mask_same_image": options.itc_weight > 0, "mlm_mask_sep": options.mlm_weight > 0,
+                       "alpha_ramp_epochs": options.distill, "queue_init": options.queue_size > 0}
+            got = {name: getattr(options, name) for name in measured if matters[name]}
+            assert got == {name: value for name, value in measured.items() if matters[name]}, (recipe, stage["name"])
+            assert options.itc_weight > 0 and options.queue_size > 0
+
+
 def run_recipe(project: Path, monkeypatch: pytest.MonkeyPatch, recipe: str) -> Path:
     monkeypatch.setenv("VLALIGN_RECIPE", recipe)  # what `kedro run --params training.recipe=<recipe>` sets
     bootstrap_project(project)

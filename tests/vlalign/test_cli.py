@@ -78,9 +78,15 @@ def test_verbose_prints_the_traceback_too(tmp_path: Path, capsys: pytest.Capture
     assert "Traceback (most recent call last)" in capsys.readouterr().err
 
 
-def test_unexpected_errors_keep_their_traceback(tmp_path: Path) -> None:
-    with pytest.raises(json.JSONDecodeError):  # not a vlalign error: raised as is
-        main(["demo", "--root", str(tmp_path / "d"), "--config", "{not json"])
+def test_unexpected_errors_keep_their_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vlalign.data.demo
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not a vlalign error")
+
+    monkeypatch.setattr(vlalign.data.demo, "generate_demo_dataset", broken)
+    with pytest.raises(KeyError, match="a bug"):  # not a vlalign error: raised as is
+        main(["demo", "--root", str(tmp_path / "d")])
 
 
 def test_loss_bench_prints_time_and_peak_memory_as_json(capsys) -> None:

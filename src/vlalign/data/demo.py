@@ -15,11 +15,26 @@ shows the same flat, darker shape for both: the pattern, which decides the capti
 resolution (e.g. in the sub-image tiles of :mod:`vlalign.models.mixed`). Near misses can differ in the pattern
 alone. The Chinese captions do not name it (the demo vocabulary has no characters for it).
 
+Controlled conditions, each a :class:`DemoConfig` option that is off by default (the default dataset is the same,
+byte for byte, as before they existed), with what they did recorded in ``flickr_demo/ground_truth.json``:
+
+- fine detail, ``patterns`` (above): ``fine_detail.pattern_of_image``, the pattern of every image by imgid;
+- noisy pairs, ``noise_fraction``: that fraction of the training captions of each language replaced by a caption of
+  another training image of another colour or shape (wrong for its image, as web alt-text often is); val and test
+  are untouched. ``noise.captions`` lists every training caption: ``caption_id`` (as the manifest names it with no
+  ``id_prefix``), ``imgid``, ``noisy``, ``describes_imgid`` (the image it really describes) and ``source_sentid``;
+- near-duplicate captions, ``near_duplicates``: that fraction of each split's images drawn in groups of
+  ``near_duplicate_group_size`` large shapes that differ only in colour or only in shape, captioned with the same
+  templates and wording, so their captions differ by that one word (one or two Chinese characters, e.g. 红色圆形 /
+  蓝色圆形): close in text space, far in image space (DAA's "semantic collapse"). ``near_duplicates.groups`` lists
+  each group's split, varied attribute and imgids.
+
 Layout (see docs/INTERFACES.md section 2)::
 
     root/flickr_demo/images/000123.png
     root/flickr_demo/dataset_demo.json      Karpathy format, English
     root/flickr_demo/dataset_demo_zh.json   Karpathy format, Chinese, same imgid/filename
+    root/flickr_demo/ground_truth.json      only with a controlled condition on (above)
     root/imagenet_demo/val/<wnid>/<n>.png
     root/imagenet_demo/{wnids,classnames_en,classnames_zh,templates_en,templates_zh}.txt
     root/DONE                               JSON: generator version, config, config hash
@@ -35,16 +50,20 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlalign.errors import ConfigError
+from vlalign.errors import ConfigError, dataclass_from_mapping
 
 #: Bump when the generator's output changes, so existing datasets are regenerated.
 GENERATOR_VERSION = 1
+#: Written beside the Karpathy files when a controlled condition is on (DemoConfig: noise_fraction,
+#: near_duplicates, patterns): what each condition did, per caption or image (see :func:`generate_demo_dataset`).
+GROUND_TRUTH_FILE = "ground_truth.json"
 
 # --------------------------------------------------------------------------------------------
 # Attribute vocabulary
@@ -162,10 +181,36 @@ class DemoConfig:
     near_miss_fraction: float = 0.3  # probability that an image copies the previous one with one attribute changed
     noise_std: float = 4.0  # std of the per-pixel Gaussian noise added to each image (0-255 scale)
     seed: int = 0  # seed of every random choice; same seed -> byte-identical files
-    patterns: bool = False  # high-resolution variant: shapes filled striped/checked (1-px), named in the captions
+    # Controlled conditions (README "The default dataset"); each is off by default and recorded in ground_truth.json.
+    patterns: bool = False  # fine detail: shapes filled striped/checked (1-px), named in the captions; image_size 128
+    noise_fraction: float = 0.0  # noisy pairs: this fraction of TRAINING captions (per language) replaced by a
+    #                               caption of another training image of another colour or shape; val/test untouched
+    near_duplicates: float = 0.0  # fraction of each split's images drawn in near-duplicate groups: images differing
+    #                               in colour or shape only, whose captions differ by that one word (zh: 1-2 characters)
+    near_duplicate_group_size: int = 4  # images per near-duplicate group, 2-7 (colour has 7 values, shape 5)
+
+    @classmethod
+    def from_mapping(cls, overrides: dict | None, where: str = "DemoConfig") -> "DemoConfig":
+        """A validated config from ``overrides`` (e.g. ``vlalign demo --config`` JSON), unknown keys named."""
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of DemoConfig fields, got {overrides!r}.")
+        config = dataclass_from_mapping(cls, dict(overrides or {}), where, "DemoConfig field(s)")
+        config.validate()
+        return config
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field out of range."""
+        for name in ("noise_fraction", "near_duplicates", "near_miss_fraction", "noise_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"DemoConfig.{name}={value!r}: expected a number.")
+        for name in ("image_size", "n_train", "n_val", "n_test", "captions_en", "captions_zh", "zero_shot_per_class",
+                     "seed", "near_duplicate_group_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"DemoConfig.{name}={value!r}: expected an integer.")
+        if not isinstance(self.patterns, bool):
+            raise ConfigError(f"DemoConfig.patterns={self.patterns!r}: expected true or false.")
         checks = [
             ("image_size", self.image_size >= 16, "an integer >= 16"),
             ("n_train", self.n_train >= 1, "an integer >= 1"),
@@ -176,6 +221,10 @@ class DemoConfig:
             ("zero_shot_per_class", self.zero_shot_per_class >= 1, "an integer >= 1"),
             ("near_miss_fraction", 0.0 <= self.near_miss_fraction <= 1.0, "a probability in [0, 1]"),
             ("noise_std", self.noise_std >= 0.0, "a non-negative number"),
+            ("noise_fraction", 0.0 <= self.noise_fraction <= 1.0, "a fraction of the training captions, in [0, 1]"),
+            ("near_duplicates", 0.0 <= self.near_duplicates <= 1.0, "a fraction of each split's images, in [0, 1]"),
+            ("near_duplicate_group_size", 2 <= self.near_duplicate_group_size <= max(map(len, _GROUP_VALUES.values())),
+             f"between 2 and {max(map(len, _GROUP_VALUES.values()))} (images per group; colour has that many values)"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -193,7 +242,11 @@ class DemoConfig:
 
 
 #: DemoConfig fields added after the first release, with the default that leaves the output unchanged.
-_LATER_FIELDS = {"patterns": False}
+_LATER_FIELDS = {"patterns": False, "noise_fraction": 0.0, "near_duplicates": 0.0, "near_duplicate_group_size": 4}
+
+#: Attributes a near-duplicate group varies (one per group), with their values: each is clearly visible in the image
+#: (a large shape) and one word in the English captions, one or two characters in the Chinese ones.
+_GROUP_VALUES: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "shape": SHAPES}
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,34 +291,60 @@ def _random_choices(rng: random.Random) -> dict[str, int]:
     return {"size": rng.randrange(6), "pos": rng.randrange(6), "article": rng.randrange(2)}
 
 
-def _finish_en(text: str, rng: random.Random) -> str:
-    """Capitalise and end with a full stop half of the time, as human captions vary."""
-    if rng.random() < 0.5:
-        return text[0].upper() + text[1:] + "."
-    return text
+def _english_plan(n: int, rng: random.Random) -> list[tuple[str, dict[str, int], bool]]:
+    """The wording of ``n`` English captions, apart from the attributes: ``(template, choices, capitalised)`` each,
+    from ``n`` different templates. :func:`_render_english` writes them for any attributes, so images of a
+    near-duplicate group share one plan."""
+    plan = []
+    for template in rng.sample(_EN_TEMPLATES, n):
+        choices = _random_choices(rng)
+        plan.append((template, choices, rng.random() < 0.5))  # draws in the order english_captions always had
+    return plan
+
+
+def _render_english(attributes: dict, plan: list[tuple[str, dict[str, int], bool]]) -> list[str]:
+    captions = []
+    for template, choices, capitalised in plan:
+        text = template.format(**_en_slots(attributes, choices))
+        captions.append(text[0].upper() + text[1:] + "." if capitalised else text)  # as human captions vary
+    return captions
 
 
 def english_captions(attributes: dict, n: int, rng: random.Random) -> list[str]:
     """Return ``n`` English captions of ``attributes``, each from a different template."""
-    templates = rng.sample(_EN_TEMPLATES, n)
-    return [_finish_en(t.format(**_en_slots(attributes, _random_choices(rng))), rng) for t in templates]
+    return _render_english(attributes, _english_plan(n, rng))
+
+
+#: Number of surface forms of each Chinese size and position word (every one has two).
+_ZH_VARIANTS = 2
+
+
+def _chinese_plan(n: int, rng: random.Random) -> list[tuple[str, int, int, bool]]:
+    """The wording of ``n`` Chinese captions: ``(template, position form, size form, full stop)`` each."""
+    plan = []
+    for template in rng.sample(_ZH_TEMPLATES, n):
+        pos, size = rng.randrange(_ZH_VARIANTS), rng.randrange(_ZH_VARIANTS)
+        plan.append((template, pos, size, rng.random() < 0.5))
+    return plan
+
+
+def _render_chinese(attributes: dict, plan: list[tuple[str, int, int, bool]]) -> list[str]:
+    captions = []
+    for template, pos, size, full_stop in plan:
+        text = template.format(
+            pos=_ZH_POSITION[attributes["position"]][pos],
+            count=_ZH_COUNT[int(attributes["count"])],
+            size=_ZH_SIZE[attributes["size"]][size],
+            colour=_ZH_COLOUR[attributes["colour"]],
+            shape=_ZH_SHAPE[attributes["shape"]],
+        )
+        captions.append(text + ("。" if full_stop else ""))
+    return captions
 
 
 def chinese_captions(attributes: dict, n: int, rng: random.Random) -> list[str]:
     """Return ``n`` Chinese captions of ``attributes``, each from a different template."""
-    captions = []
-    for template in rng.sample(_ZH_TEMPLATES, n):
-        sizes = _ZH_SIZE[attributes["size"]]
-        positions = _ZH_POSITION[attributes["position"]]
-        text = template.format(
-            pos=positions[rng.randrange(len(positions))],
-            count=_ZH_COUNT[int(attributes["count"])],
-            size=sizes[rng.randrange(len(sizes))],
-            colour=_ZH_COLOUR[attributes["colour"]],
-            shape=_ZH_SHAPE[attributes["shape"]],
-        )
-        captions.append(text + ("。" if rng.random() < 0.5 else ""))
-    return captions
+    return _render_chinese(attributes, _chinese_plan(n, rng))
 
 
 #: The one template of the synthetic ("captioner") style, per language: terse, always every attribute, and unlike
@@ -493,29 +572,74 @@ def _zh_tokens(raw: str) -> list[str]:
     return [ch for ch in raw if "\u4e00" <= ch <= "\u9fff"]
 
 
+def _layout(config: DemoConfig, np_rng: np.random.Generator) -> list[tuple[str, int | None]]:
+    """``(split, near-duplicate group or None)`` per image, in imgid order. Each split has
+    ``round(near_duplicates * n / group_size)`` groups of consecutive images, placed among its single images at
+    random; without near-duplicates no random number is drawn, so the default dataset is unchanged."""
+    layout: list[tuple[str, int | None]] = []
+    n_groups = 0
+    for split, n in (("train", config.n_train), ("val", config.n_val), ("test", config.n_test)):
+        size = config.near_duplicate_group_size
+        groups = min(int(round(config.near_duplicates * n / size)), n // size) if config.near_duplicates else 0
+        units = [size] * groups + [1] * (n - groups * size)
+        if groups:
+            units = [units[k] for k in np_rng.permutation(len(units))]
+        for unit in units:
+            group = None
+            if unit > 1:
+                group, n_groups = n_groups, n_groups + 1
+            layout += [(split, group)] * unit
+    return layout
+
+
+def _group_members(config: DemoConfig, np_rng: np.random.Generator) -> tuple[str, list[dict]]:
+    """The varied attribute and the attributes of each image of a new near-duplicate group: one large shape set
+    (so the difference is clearly visible), the varied attribute taking a different value in every image."""
+    varied = str(np_rng.choice([a for a, v in _GROUP_VALUES.items() if len(v) >= config.near_duplicate_group_size]))
+    base = {**_random_attributes(np_rng, config.patterns), "size": "large"}
+    values = np_rng.choice(_GROUP_VALUES[varied], size=config.near_duplicate_group_size, replace=False)
+    return varied, [{**base, varied: str(value)} for value in values]
+
+
 def _write_flickr(out: Path, config: DemoConfig, np_rng: np.random.Generator, py_rng: random.Random) -> None:
     images_dir = out / "flickr_demo" / "images"
     images_dir.mkdir(parents=True)
-    splits = ["train"] * config.n_train + ["val"] * config.n_val + ["test"] * config.n_test
-    n_images = len(splits)
+    layout = _layout(config, np_rng)
+    n_images = len(layout)
     entries_en, entries_zh = [], []
+    groups: list[dict] = []  # near-duplicate groups, for the ground truth
+    members: list[dict] = []  # attributes of the current group's images not drawn yet
+    plans = None  # the current group's caption wording, shared by its images
     previous: dict | None = None
-    for imgid, split in enumerate(splits):
+    for imgid, (split, group) in enumerate(layout):
         near_miss = None
-        if previous is not None and previous["split"] == split and np_rng.random() < config.near_miss_fraction:
-            changed = str(np_rng.choice(ATTRIBUTES + ((PATTERN_ATTRIBUTE,) if config.patterns else ())))
-            attributes = dict(previous["attributes"])
-            attributes[changed] = py_rng.choice([v for v in _attribute_values(changed) if v != attributes[changed]])
-            near_miss = {"of": previous["imgid"], "changed": changed}
+        if group is not None:
+            if len(groups) == group:  # the group's first image
+                varied, members = _group_members(config, np_rng)
+                plans = (_english_plan(config.captions_en, py_rng), _chinese_plan(config.captions_zh, py_rng))
+                if varied == "colour":  # "one orange circle", not "an orange circle": the colour is the only change
+                    plans[0][:] = [(t, {**choices, "article": 1}, cap) for t, choices, cap in plans[0]]
+                groups.append({"group": group, "split": split, "varied": varied, "imgids": []})
+            attributes = members.pop(0)
+            groups[group]["imgids"].append(imgid)
+            captions_en, captions_zh = _render_english(attributes, plans[0]), _render_chinese(attributes, plans[1])
         else:
-            attributes = _random_attributes(np_rng, config.patterns)
+            if previous is not None and previous["split"] == split and np_rng.random() < config.near_miss_fraction:
+                changed = str(np_rng.choice(ATTRIBUTES + ((PATTERN_ATTRIBUTE,) if config.patterns else ())))
+                attributes = dict(previous["attributes"])
+                attributes[changed] = py_rng.choice([v for v in _attribute_values(changed) if v != attributes[changed]])
+                near_miss = {"of": previous["imgid"], "changed": changed}
+            else:
+                attributes = _random_attributes(np_rng, config.patterns)
+            captions_en = captions_zh = None
         filename = f"{imgid:06d}.png"
         draw_image(attributes, config.image_size, config.noise_std, np_rng).save(images_dir / filename)
-        for lang, entries, captions, tokens, first_sentid in (
-            ("en", entries_en, english_captions(attributes, config.captions_en, py_rng), _en_tokens,
-             imgid * config.captions_en),
-            ("zh", entries_zh, chinese_captions(attributes, config.captions_zh, py_rng), _zh_tokens,
-             n_images * config.captions_en + imgid * config.captions_zh),
+        if captions_en is None:  # drawn after the image, in this order, as the generator always did
+            captions_en = english_captions(attributes, config.captions_en, py_rng)
+            captions_zh = chinese_captions(attributes, config.captions_zh, py_rng)
+        for entries, captions, tokens, first_sentid in (
+            (entries_en, captions_en, _en_tokens, imgid * config.captions_en),
+            (entries_zh, captions_zh, _zh_tokens, n_images * config.captions_en + imgid * config.captions_zh),
         ):
             sentids = [first_sentid + k for k in range(len(captions))]
             entry = {
@@ -532,9 +656,66 @@ def _write_flickr(out: Path, config: DemoConfig, np_rng: np.random.Generator, py
             }
             entries.append(entry)
         previous = {"split": split, "attributes": attributes, "imgid": imgid}
+    truth = {}
+    if config.patterns:
+        truth["fine_detail"] = {
+            "attribute": PATTERN_ATTRIBUTE, "values": list(PATTERNS), "image_size": config.image_size,
+            "pattern_of_image": [entry["attributes"][PATTERN_ATTRIBUTE] for entry in entries_en],
+        }
+    if config.near_duplicates:
+        truth["near_duplicates"] = {"fraction": config.near_duplicates, "group_size": config.near_duplicate_group_size,
+                                    "groups": groups}
+    if config.noise_fraction:
+        truth["noise"] = _add_noise(config, {"en": entries_en, "zh": entries_zh})
     for name, entries in (("dataset_demo.json", entries_en), ("dataset_demo_zh.json", entries_zh)):
         payload = {"images": entries, "dataset": "flickr_demo"}
         (out / "flickr_demo" / name).write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
+    if truth:  # only with a condition on: the default dataset has no such file
+        truth = {"generator_version": GENERATOR_VERSION, "config": config.recorded(), **truth}
+        (out / "flickr_demo" / GROUND_TRUTH_FILE).write_text(json.dumps(truth, ensure_ascii=False), encoding="utf-8")
+
+
+def _add_noise(config: DemoConfig, entries: dict[str, list[dict]]) -> dict:
+    """Replace ``round(noise_fraction * n)`` of the ``n`` training captions of each language, chosen at random, by a
+    caption (same language) of another training image of another colour or shape, so the caption is wrong for its
+    image (every template names colour and shape), as in web alt-text. Uses its own random stream, so every image and
+    every other caption is the same as without noise. Returns the ground truth, one record per training caption."""
+    rng = np.random.default_rng((config.seed, 1))  # stream 1: noise (the seed alone draws the data)
+    train = [k for k, entry in enumerate(entries["en"]) if entry["split"] == "train"]
+    classes = np.array([_class_index(entries["en"][k]["attributes"]) for k in train])  # (n_train,) colour x shape
+    records = []
+    for lang, lang_entries in entries.items():
+        original = {k: [s["raw"] for s in lang_entries[k]["sentences"]] for k in train}
+        slots = [(t, j) for t, k in enumerate(train) for j in range(len(original[k]))]  # every training caption
+        chosen = sorted(rng.choice(len(slots), size=int(round(config.noise_fraction * len(slots))), replace=False))
+        source: dict[tuple[int, int], tuple[int, int]] = {}  # (train position, caption) -> (donor imgid, caption)
+        for t, j in (slots[i] for i in chosen):
+            others = np.flatnonzero(classes != classes[t])  # training images of another colour or shape
+            if others.size == 0:
+                raise ConfigError(f"DemoConfig.noise_fraction={config.noise_fraction!r}: every training image shows "
+                                  "the same colour and shape, so no other image's caption is wrong for it; raise "
+                                  "n_train.")
+            donor = train[int(others[rng.integers(others.size)])]
+            source[(t, j)] = donor, int(rng.integers(len(original[donor])))
+            sentence = lang_entries[train[t]]["sentences"][j]
+            sentence["raw"] = original[donor][source[(t, j)][1]]
+            sentence["tokens"] = (_en_tokens if lang == "en" else _zh_tokens)(sentence["raw"])
+        for t, j in slots:
+            sentence = lang_entries[train[t]]["sentences"][j]
+            donor, donor_caption = source.get((t, j), (train[t], j))
+            records.append({
+                "caption_id": f"{lang}:{sentence['sentid']}", "lang": lang, "sentid": sentence["sentid"],
+                "imgid": train[t], "noisy": (t, j) in source, "describes_imgid": donor,
+                "source_sentid": lang_entries[donor]["sentids"][donor_caption],
+            })
+    counts = {lang: {"captions": sum(r["lang"] == lang for r in records),
+                     "noisy": sum(r["lang"] == lang and r["noisy"] for r in records)} for lang in entries}
+    return {"fraction": config.noise_fraction, "counts": counts, "captions": records}
+
+
+def _class_index(attributes: dict) -> int:
+    """The zero-shot class (colour x shape) of ``attributes``, as its index in :func:`class_names`."""
+    return list(COLOURS).index(attributes["colour"]) * len(SHAPES) + SHAPES.index(attributes["shape"])
 
 
 def _write_imagenet(out: Path, config: DemoConfig, np_rng: np.random.Generator) -> None:
@@ -580,6 +761,17 @@ def _remove_stale_temp_dirs(root: Path) -> None:
             continue
 
 
+def has_conditions(config: DemoConfig) -> bool:
+    """Whether ``config`` turns on a controlled condition, so that the dataset has a ground-truth file."""
+    return bool(config.patterns or config.noise_fraction or config.near_duplicates)
+
+
+def _complete(root: Path, config: DemoConfig) -> bool:
+    """A dataset of ``config``'s hash is complete when it has its ground truth (a fine-detail dataset made before the
+    ground truth existed has the same hash but not the file, and is made again)."""
+    return not has_conditions(config) or (root / "flickr_demo" / GROUND_TRUTH_FILE).is_file()
+
+
 def generate_demo_dataset(root: Path, config: DemoConfig | None = None) -> Path:
     """Generate the default dataset under ``root`` (layout in the module docstring) and return ``root``.
 
@@ -594,7 +786,7 @@ def generate_demo_dataset(root: Path, config: DemoConfig | None = None) -> Path:
     root = Path(root).absolute()
     digest = config.config_hash()
     done = _read_done(root)
-    if done is not None and done.get("config_hash") == digest:
+    if done is not None and done.get("config_hash") == digest and _complete(root, config):
         return root
     if root.exists() and (not root.is_dir() or (done is None and any(root.iterdir()))):
         raise ConfigError(
@@ -614,7 +806,7 @@ def generate_demo_dataset(root: Path, config: DemoConfig | None = None) -> Path:
         old = None
         if root.exists():
             current = _read_done(root)
-            if current is not None and current.get("config_hash") == digest:
+            if current is not None and current.get("config_hash") == digest and _complete(root, config):
                 shutil.rmtree(tmp)  # a concurrent run finished the same dataset first
                 return root
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-pid{os.getpid()}-", dir=root.parent))

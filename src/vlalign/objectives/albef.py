@@ -12,26 +12,33 @@ last ``queue_size`` momentum features of each modality, are the columns every st
     y_i2t = α · softmax(scale · v'_i · [t'_batch ; t'_queue]ᵀ) + (1 − α) · P_i / |P_i|
     itc   = ½ (−Σ_j y_i2t log softmax(s_i2t) + the same text→image)
 
-``P_i`` are the positive columns: the image's own caption, and with ``mask_same_image`` every column with the same
-image id (BLIP's ``idx_queue``: an image seen in an earlier batch with another caption is a positive, not a
-negative). α ramps linearly from 0 over the first ``alpha_ramp_epochs`` epochs (ALBEF: the first). Under
-torch.distributed each rank scores its rows against its own momentum batch and the queue; the queue takes the
-momentum features gathered from every rank, so all ranks hold the same queue.
+``P_i`` are the positive columns: the image's own caption (ALBEF's and BLIP's pre-training), and with
+``mask_same_image`` every column with the same image id (ALBEF's and BLIP's retrieval fine-tuning, ``idx_queue``: an
+image seen in an earlier batch with another caption is a positive, not a negative). α ramps linearly from 0 over the
+first ``alpha_ramp_epochs`` epochs (ALBEF: 1, BLIP pre-training: 2). The queues start as ALBEF's and BLIP's do, full
+of random unit vectors (``queue_init: random``), or empty (``queue_init: empty``: only momentum features are ever
+scored). Under torch.distributed each rank scores its rows against its own momentum batch and the queue; the queue
+takes the momentum features gathered from every rank, so all ranks hold the same queue.
 
 **ITM with hard negatives** (ALBEF §3.2). For each image one negative caption of the batch is drawn with probability
-∝ softmax(scale · similarity) over its non-positive captions (positives get probability 0, so never drawn), and one
-negative image for each caption; the ITM head classifies the B positive and 2B negative fused pairs.
+∝ softmax(scale · similarity) + ``negative_weight_floor`` over its non-positive captions (captions of the same image
+get probability exactly 0, so are never drawn), and one negative image for each caption; the ITM head classifies the
+B positive and 2B negative fused pairs. The similarity is student × momentum teacher (``itm_negatives: teacher``,
+ALBEF's and BLIP's pre-training: ``sim_i2t[:, :bs]``, the student rows against the teacher's batch columns) or
+student × student (``itm_negatives: student``, BLIP's retrieval fine-tuning). BLIP's pre-training floor is 1e-4.
+docs/conventions.md compares every such convention with the reference code.
 
-**MLM** (ALBEF §3.1): 15% of the non-special tokens are selected; of those 80% become [MASK], 10% a random token,
-10% stay; the fused states predict them (cross-entropy, mixed with the teacher's soft predictions with weight α when
+**MLM** (ALBEF §3.1): 15% of the real tokens are selected, except [CLS] (and [PAD]); with ``mlm_mask_sep: false``
+no special token, [SEP] included, is ever selected. Of those 80% become [MASK], 10% a random token, 10% stay; the
+fused states predict them (cross-entropy, mixed with the teacher's soft predictions with weight α when
 ``mlm_distill``). **LM** (BLIP's captioner, CoCa): the caption decoder predicts each next token (BOS = [CLS]).
 
 **Where the teacher and the queues live: here, in the objective**, not in the model. They are training state (like
 optimizer moments): a stage's checkpoint holds them under ``objective`` (restored exactly on resume), while the
 model's state dict (what merging interpolates, registration hashes, serving loads, and the next stage starts from)
 stays the student alone. Merging a queue would average unrelated features and copy one pointer; a next stage starts
-with a fresh teacher (= its initial student, as ALBEF's ``copy_params``) and empty queues. The teacher is marked
-never-trainable and is not a parameter of the model, so no optimizer ever sees it.
+with a fresh teacher (= its initial student, as ALBEF's ``copy_params``) and fresh queues (per ``queue_init``). The
+teacher is marked never-trainable and is not a parameter of the model, so no optimizer ever sees it.
 """
 
 from __future__ import annotations
@@ -67,10 +74,16 @@ class AlbefOptions:
     queue_size: int = 65536  # momentum features kept per modality (0: in-batch columns only)
     distill: bool = True  # momentum distillation: soft targets from the teacher (ITC, and MLM with mlm_distill)
     alpha: float = 0.4  # weight of the teacher's soft targets once ramped in
-    alpha_ramp_epochs: float = 1.0  # α grows linearly from 0 over this many epochs of the stage (0: α from the start)
-    mask_same_image: bool = True  # queue/batch columns of the same image id are positives, never negatives (BLIP)
+    alpha_ramp_epochs: float = 1.0  # α grows linearly from 0 over this many epochs (ALBEF: 1, BLIP: 2; 0: no ramp)
     hard_negatives: bool = True  # ITM negatives ∝ softmax(similarity); false: uniform over the non-positives
-    mlm_probability: float = 0.15  # fraction of non-special tokens selected for MLM
+    itm_negatives: str = "teacher"  # hard-negative similarity: teacher = student × momentum teacher (ALBEF and BLIP
+    #                                 pre-training); student = student × student (BLIP retrieval fine-tuning)
+    negative_weight_floor: float = 0.0  # added to the hard-negative softmax before positives get 0 (BLIP: 1e-4)
+    mask_same_image: bool = False  # ITC: columns of the same image id are positives too (ALBEF/BLIP retrieval
+    #                                fine-tuning); false: only the row's own pair (ALBEF and BLIP pre-training)
+    mlm_mask_sep: bool = True  # MLM may select [SEP] (ALBEF: only [PAD] and [CLS] excluded); false: no special token
+    queue_init: str = "random"  # random: queues start full of random unit vectors (ALBEF, BLIP); empty: start empty
+    mlm_probability: float = 0.15  # fraction of the eligible tokens selected for MLM
     mlm_mask_ratio: float = 0.8  # of the selected: replaced by [MASK]
     mlm_random_ratio: float = 0.1  # of the selected: replaced by a random token (the rest stay unchanged)
     mlm_distill: bool = True  # MLM targets mixed with the teacher's predictions (weight α) when distill is on
@@ -85,6 +98,9 @@ class AlbefOptions:
             (isinstance(self.queue_size, int) and self.queue_size >= 0, "queue_size", "an integer >= 0"),
             (0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]"),
             (self.alpha_ramp_epochs >= 0, "alpha_ramp_epochs", ">= 0"),
+            (self.itm_negatives in ("teacher", "student"), "itm_negatives", "teacher or student"),
+            (self.negative_weight_floor >= 0, "negative_weight_floor", ">= 0 (BLIP: 1e-4)"),
+            (self.queue_init in ("random", "empty"), "queue_init", "random or empty"),
             (0.0 < self.mlm_probability < 1.0, "mlm_probability", "in (0, 1)"),
             (self.mlm_mask_ratio >= 0 and self.mlm_random_ratio >= 0 and self.mlm_mask_ratio + self.mlm_random_ratio <= 1,
              "mlm_mask_ratio + mlm_random_ratio", "non-negative and at most 1"),
@@ -92,16 +108,20 @@ class AlbefOptions:
         ]
         for ok, name, expected in checks:
             if not ok:
-                raise ConfigError(f"objective albef/blip: objective_options.{name} must be {expected}.")
+                got = f" (got {getattr(self, name)!r})" if hasattr(self, name) else ""
+                raise ConfigError(f"objective albef/blip: objective_options.{name} must be {expected}{got}.")
 
 
 @dataclass
 class BlipOptions(AlbefOptions):
-    """Options of the ``blip`` objective: ITC + ITM + captioning LM (no MLM), label smoothing 0.1, as BLIP."""
+    """Options of the ``blip`` objective (defaults: BLIP pre-training): ITC + ITM + captioning LM (no MLM), label
+    smoothing 0.1, the 1e-4 floor on the hard-negative weights, α ramped over 2 epochs."""
 
     mlm_weight: float = 0.0  # BLIP has no MLM
     lm_weight: float = 1.0  # BLIP's image-grounded decoder
     lm_label_smoothing: float = 0.1  # BLIP's LM label smoothing
+    negative_weight_floor: float = 1e-4  # BLIP pre-training: softmax(sim) + 1e-4, then positives set to 0
+    alpha_ramp_epochs: float = 2.0  # BLIP pre-training: "ramp up alpha in the first 2 epochs"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,19 +165,35 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * logits.float().log_softmax(dim=1)).sum(dim=1).mean()
 
 
-def sample_negatives(similarity: torch.Tensor, positives: torch.Tensor, hard: bool = True,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each row, one column index drawn ∝ softmax(similarity) over its non-positive columns (uniform over them
-    when not ``hard``); positives have probability exactly 0. (B,) long, −1 for a row whose columns are all positive."""
-    weights = similarity.float().softmax(dim=1) if hard else torch.ones_like(similarity, dtype=torch.float)  # (B, K)
-    weights = weights.masked_fill(positives, 0.0)
+def negative_weights(similarity: torch.Tensor, positives: torch.Tensor, hard: bool = True,
+                     floor: float = 0.0) -> torch.Tensor:
+    """(B, K) unnormalised probabilities of drawing each column as a row's ITM negative: ``softmax(similarity) +
+    floor`` (all ones when not ``hard``), then exactly 0 at the positives. ALBEF pre-training:
+    ``softmax(sim).fill_diagonal_(0)``; BLIP pre-training: ``(softmax(sim) + 1e-4).fill_diagonal_(0)``."""
+    if hard:
+        weights = similarity.float().softmax(dim=1) + floor  # (B, K)
+    else:
+        weights = torch.ones_like(similarity, dtype=torch.float)  # (B, K)
+    return weights.masked_fill(positives, 0.0)
+
+
+def draw_negatives(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row of ``weights`` (B, K), one column drawn ∝ its weights; (B,) long, −1 for a row of zeros."""
     has = weights.sum(dim=1) > 0  # (B,)
-    picks = torch.full((similarity.shape[0],), -1, dtype=torch.long, device=similarity.device)
+    picks = torch.full((weights.shape[0],), -1, dtype=torch.long, device=weights.device)
     if bool(has.any()):
         rows = weights[has]
         drawn = torch.multinomial(rows.cpu() if generator is not None else rows, 1, generator=generator).squeeze(1)
-        picks[has] = drawn.to(similarity.device)
+        picks[has] = drawn.to(weights.device)
     return picks
+
+
+def sample_negatives(similarity: torch.Tensor, positives: torch.Tensor, hard: bool = True,
+                     generator: torch.Generator | None = None, floor: float = 0.0) -> torch.Tensor:
+    """For each row, one column index drawn ∝ softmax(similarity) + ``floor`` over its non-positive columns (uniform
+    over them when not ``hard``); positives have probability exactly 0. (B,) long, −1 for a row whose columns are all
+    positive."""
+    return draw_negatives(negative_weights(similarity, positives, hard, floor), generator)
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: list[int], mask_id: int,
@@ -190,6 +226,12 @@ def enqueue(queue: torch.Tensor, ptr: int, rows: torch.Tensor) -> int:
     positions = (ptr + torch.arange(n, device=queue.device)) % size  # (n,) as if written one by one
     queue[positions[-size:]] = rows[-size:].to(queue.dtype)  # more rows than slots: the newest win
     return int((ptr + n) % size)
+
+
+def random_queue(size: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ALBEF's and BLIP's initial queue: ``normalize(randn(D, Q), dim=0)`` (one random unit vector per entry), stored
+    as rows (Q, D) like every queue here."""
+    return F.normalize(torch.randn(dim, size, generator=generator), dim=0).T.contiguous()  # (Q, D)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,6 +278,14 @@ class AlbefObjective(Objective):
         self.register_buffer("id_queue", torch.full((size,), -1, dtype=torch.long))  # (Q,) image ids, -1 = empty
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # () next slot to write
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # () valid slots (<= Q)
+        if options.queue_init == "random" and size > 0:
+            # ALBEF/BLIP: random unit vectors (image, then text), never positives (id -1). Drawn from a generator
+            # seeded with the stage's seed (torch.initial_seed()), so every rank starts with the same queue and the
+            # global random stream is not consumed.
+            generator = torch.Generator().manual_seed(torch.initial_seed())
+            self.image_queue.copy_(random_queue(size, dim, generator))
+            self.text_queue.copy_(random_queue(size, dim, generator))
+            self.queue_filled.fill_(size)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # () optimizer steps (α ramp)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # momentum rows to enqueue
         self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -243,7 +293,11 @@ class AlbefObjective(Objective):
             from vlalign.models.towers import build_tokenizer_for
 
             tokenizer = build_tokenizer_for(model.config)
-            self.special_ids = sorted(set(tokenizer.all_special_ids))
+            # tokens MLM never selects: ALBEF's rule excludes [PAD] and [CLS] only ([SEP] may be masked); else every
+            # special token
+            excluded = {tokenizer.pad_token_id, tokenizer.cls_token_id} if options.mlm_mask_sep \
+                else set(tokenizer.all_special_ids)
+            self.mlm_excluded_ids = sorted(i for i in excluded if i is not None)
             self.mask_id = int(tokenizer.mask_token_id)
             self.vocab_size = int(model.mlm_head.decoder.weight.shape[0])
 
@@ -309,7 +363,7 @@ class AlbefObjective(Objective):
             terms["itc"] = self.itc(out, image_m, text_m, ids, alpha)
             total = total + opts.itc_weight * terms["itc"]
         if opts.itm_weight > 0:
-            terms["itm"], terms["itm_accuracy"] = self.itm(model, out, ids)
+            terms["itm"], terms["itm_accuracy"] = self.itm(model, out, ids, image_m, text_m)
             total = total + opts.itm_weight * terms["itm"]
         if opts.mlm_weight > 0:
             terms["mlm"] = self.mlm(model, out, batch, image_tokens_m, alpha)
@@ -340,14 +394,35 @@ class AlbefObjective(Objective):
             targets_t2i = distillation_targets(positives, teacher_t2i, alpha)
         return 0.5 * (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i))
 
-    def itm(self, model: nn.Module, out: dict[str, torch.Tensor], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def itm_negative_weights(self, out: dict[str, torch.Tensor], image_m: torch.Tensor, text_m: torch.Tensor,
+                             ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, B) weights of each image's negative captions and (B, B) of each caption's negative images.
+
+        ``itm_negatives: teacher`` scores the student rows against the momentum teacher's batch features, as ALBEF's
+        and BLIP's pre-training (``softmax(sim_i2t[:, :bs])`` with ``sim_i2t = image_feat @ text_feat_all / temp``);
+        ``student`` scores student against student. Captions of the same image id get weight 0.
+        """
+        opts = self.options
+        scale = out["logit_scale"].float()
+        image, text = out["image_features"].float().detach(), out["text_features"].float().detach()  # (B, D) each
+        if opts.itm_negatives == "teacher":
+            sim_i2t = scale * image @ text_m.float().T  # (B, B) student images x teacher captions
+            sim_t2i = scale * text @ image_m.float().T  # (B, B) student captions x teacher images
+        else:
+            sim_i2t = scale * image @ text.T  # (B, B) student x student
+            sim_t2i = sim_i2t.T
+        positives = ids[:, None] == ids[None, :]  # (B, B) same image
+        return (negative_weights(sim_i2t, positives, opts.hard_negatives, opts.negative_weight_floor),
+                negative_weights(sim_t2i, positives.T, opts.hard_negatives, opts.negative_weight_floor))
+
+    def itm(self, model: nn.Module, out: dict[str, torch.Tensor], ids: torch.Tensor, image_m: torch.Tensor,
+            text_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ITM cross-entropy over the B positive pairs and the 2B hard-negative pairs; and its accuracy."""
         text_tokens, text_mask, image_tokens = out["text_tokens"], out["text_mask"], out["image_tokens"]
         with torch.no_grad():
-            sim = out["logit_scale"].float() * out["image_features"].float() @ out["text_features"].float().T  # (B, B)
-            positives = ids[:, None] == ids[None, :]  # (B, B) same image
-            neg_text = sample_negatives(sim, positives, self.options.hard_negatives)  # (B,) a caption per image
-            neg_image = sample_negatives(sim.T, positives.T, self.options.hard_negatives)  # (B,) an image per caption
+            weights_i2t, weights_t2i = self.itm_negative_weights(out, image_m, text_m, ids)  # (B, B) each
+            neg_text = draw_negatives(weights_i2t)  # (B,) a caption per image
+            neg_image = draw_negatives(weights_t2i)  # (B,) an image per caption
         logits = [model.itm_logits(text_tokens, text_mask, image_tokens)]  # (B, 2) matching pairs
         has_text, has_image = neg_text >= 0, neg_image >= 0
         rows = torch.nonzero(has_text).squeeze(1)  # images with a negative caption
@@ -366,7 +441,7 @@ class AlbefObjective(Objective):
             alpha: float) -> torch.Tensor:
         """Masked-token cross-entropy of the fused states (mixed with the teacher's soft predictions)."""
         opts = self.options
-        masked, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], self.special_ids, self.mask_id,
+        masked, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], self.mlm_excluded_ids, self.mask_id,
                                      self.vocab_size, opts.mlm_probability, opts.mlm_mask_ratio, opts.mlm_random_ratio)
         selected = labels != IGNORE  # (B, L)
         mask = batch["attention_mask"]

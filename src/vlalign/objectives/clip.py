@@ -2,7 +2,9 @@
 
 L = (L_i->t + L_t->i) / 2 with L_i->t = -(1/N) sum_i log softmax_j(s * v_i . t_j)[i], s = exp(logit_scale)
 clamped at the model's maximum. Under torch.distributed the features of every rank are gathered *with*
-gradients and each rank scores its own rows against all columns (``local_loss``), or the whole N x N matrix.
+gradients and each rank scores its own rows against all columns (``local_loss``), or the whole N x N matrix. Only
+with the gradient through the gather is each rank's gradient the true one (``gather_with_grad: false`` gives exactly
+1/world_size of it with the whole matrix, and a wrong one with ``local_loss``: measured, DESIGN.md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ class ClipOptions:
     """Options of the ``clip`` objective."""
 
     local_loss: bool = True  # with several ranks: each scores its own rows against all columns ((N/w) x N logits)
-    gather_with_grad: bool = True  # gather features across ranks with gradients (False gives half the gradient)
+    # gather features across ranks with gradients. False is never the true gradient: with local_loss: false it is
+    # 1/world_size of it (0.5x measured on 2 ranks); with local_loss: true it is wrong (the gradient the other
+    # ranks' rows send to this rank's features is dropped)
+    gather_with_grad: bool = True
     loss_impl: str = "auto"  # naive | tiled | triton | auto (tiled above tiled_threshold on CPU, triton on CUDA)
     tile: int = 1024  # tile size of the tiled / Triton implementations
     tiled_threshold: int = 8192  # auto picks the tiled loss on CPU from this many columns on
@@ -43,7 +48,9 @@ def gather_features(x: torch.Tensor, context: ObjectiveContext, with_grad: bool)
     offset = context.dist.rank * x.shape[0]
     if with_grad:
         return gather_with_grad(x), offset
-    gathered = gather_no_grad(x)  # (N, D) without gradient: put this rank's live rows back in
+    # (N, D) without gradient; this rank's live rows are put back, so its own rows keep their gradient, but the
+    # gradient the other ranks' rows send to this rank's features is lost: not the true gradient (DESIGN.md)
+    gathered = gather_no_grad(x)
     return torch.cat([gathered[:offset], x, gathered[offset + x.shape[0]:]]), offset
 
 

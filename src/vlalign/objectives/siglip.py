@@ -40,7 +40,8 @@ def check_loss_impl(objective: str, loss_impl: str, tile: int, tiled_threshold: 
 class SiglipOptions:
     """Options of the ``siglip`` objective."""
 
-    gather_with_grad: bool = True  # gather the texts across ranks with gradients (False drops cross-rank terms)
+    gather_with_grad: bool = True  # gather the texts across ranks with gradients (False: a wrong gradient, the
+    #                                cross-rank terms' gradient to this rank's texts is dropped)
     loss_impl: str = "auto"  # naive | tiled | triton | auto (tiled above tiled_threshold on CPU, triton on CUDA)
     tile: int = 1024  # rows / columns of logits per tile in the tiled and Triton implementations
     tiled_threshold: int = 8192  # auto computes in tiles from this many gathered texts on
