@@ -33,3 +33,12 @@ def test_train_step_benchmark_smoke(tmp_path: Path) -> None:
                   tmp_path=tmp_path)
     assert set(result["median_stage_seconds"]) == {"plain", "vlalign"} and result["ratio_vlalign_over_plain"] > 0
     assert all(0 < w < s for w, s in zip(result["step_seconds"]["vlalign"], result["stage_seconds"]["vlalign"]))
+
+
+def test_reproducibility_benchmark_smoke(tmp_path: Path) -> None:
+    result = _run(str(BENCH / "bench_reproducibility.py"), "--batch", "8", "--steps", "1", "--reps", "2", "--json",
+                  tmp_path=tmp_path)
+    assert result["numerics"]["portable"]["aten_cpu_capability"] == "AVX2"
+    assert result["numerics"]["native"]["mode"] == "native" and result["numerics"]["portable"]["mode"] == "portable"
+    assert len(result["step_seconds"]["portable"]) == len(result["step_seconds"]["native"]) == 2
+    assert result["ratio_portable_over_native"] > 0
