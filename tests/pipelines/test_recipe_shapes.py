@@ -32,10 +32,18 @@ def _shape(monkeypatch: pytest.MonkeyPatch, recipe: str):
 
 
 def test_siglip_and_daa_are_two_stage_recipes_with_their_objectives(in_repo) -> None:
-    for recipe in ("siglip", "daa"):
+    for recipe in ("siglip", "daa", "daa_source"):
         training, merge = _shape(in_repo, recipe)
         assert {n.name for n in training.nodes} == {"write_training_shards", "stage1.train", "stage2.train"}
         assert {n.name for n in merge.nodes} == {"merge_stage_checkpoints"}
+
+
+def test_daa_ships_a_wider_weight_temperature_and_keeps_the_sources_as_daa_source() -> None:
+    params = RunConfigLoader(str(REPO / "conf"), "base", **CONFIG_LOADER_ARGS)["parameters"]
+    for recipe, temperature in (("daa", 1.0), ("daa_source", 0.05)):
+        stages = resolve_stages(params["training"], recipe)
+        assert [(s["objective"], s["objective_options"]) for s in stages] == [("daa", {"temperature": temperature})] * 2
+    assert "below 10x chance" in params["training"]["recipes"]["daa_source"]["description"]
 
 
 def test_sphinx_wires_the_synthetic_data_the_fine_tunes_and_the_soups(in_repo) -> None:

@@ -52,7 +52,7 @@ def test_daa_recipe(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for stage in ("stage1", "stage2"):
         ckpt = load_checkpoint(data / "06_models" / stage / "final.pt")
         assert ckpt["stage_config"]["objective"] == "daa"
-        assert ckpt["stage_config"]["objective_options"] == {"temperature": 0.05}
+        assert ckpt["stage_config"]["objective_options"] == {"temperature": 1.0}  # the shipped T_w (not the source's)
         last = ckpt["history"][-1]
         assert {"weighted_infonce", "daa_effective_batch", "daa_max_weight"} <= set(last)
         assert 1.0 <= last["daa_effective_batch"] <= ckpt["stage_config"]["batch_size"] + 1e-6

@@ -170,13 +170,19 @@ def siglip_loss_local(
 
 
 @torch.no_grad()
-def daa_weights(image_cols: torch.Tensor, text_cols: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+def daa_weights(
+    image_cols: torch.Tensor, text_cols: torch.Tensor, temperature: float = 0.05, uniform_mix: float = 0.0
+) -> torch.Tensor:
     """Dynamic-anchor-alignment weights of the N gathered samples: (N,), non-negative, summing to 1, no gradient.
 
     The anchor is the mean text feature of the (global) batch; images far from it weigh more::
 
         a   = (1/N) * sum_j y_j                                  # (D,) anchor
         w_i = softmax_i( (1 - cos(x_i, a)) / T_w )               # (N,)
+        w_i <- u / N + (1 - u) * w_i                             # u = ``uniform_mix`` (0: the source's weights)
+
+    With the mix, every sample keeps at least u/N of the weight and the gradient is u times InfoNCE's plus (1 - u)
+    times the source's weighted one; the weights still sum to 1, so the loss keeps InfoNCE's scale.
 
     The weights are computed without gradient: they re-weight the per-sample InfoNCE terms, like importance
     weights, and are not a quantity to optimise. With gradient through w, the loss gradient would gain the
@@ -190,6 +196,8 @@ def daa_weights(image_cols: torch.Tensor, text_cols: torch.Tensor, temperature: 
     """
     if not temperature > 0:
         raise LossInputError(f"daa temperature: expected T_w > 0, got {temperature}.")
+    if not 0.0 <= uniform_mix <= 1.0:
+        raise LossInputError(f"daa uniform_mix: expected a fraction in [0, 1], got {uniform_mix}.")
     check_local_inputs({"image_cols": image_cols}, {"text_cols": text_cols}, {}, 0)
     if image_cols.shape[0] != text_cols.shape[0]:
         raise LossInputError(
@@ -199,7 +207,10 @@ def daa_weights(image_cols: torch.Tensor, text_cols: torch.Tensor, temperature: 
     acc = torch.float64 if image_cols.dtype == torch.float64 else torch.float32
     anchor = text_cols.to(acc).mean(dim=0, keepdim=True)  # (1, D)
     cos = F.cosine_similarity(image_cols.to(acc), anchor, dim=-1, eps=1e-12)  # (N,)
-    return torch.softmax((1.0 - cos) / temperature, dim=0)  # (N,)
+    weights = torch.softmax((1.0 - cos) / temperature, dim=0)  # (N,)
+    if uniform_mix == 0.0:
+        return weights  # the source's formula, bit for bit
+    return uniform_mix / weights.shape[0] + (1.0 - uniform_mix) * weights  # (N,)
 
 
 def weighted_clip_loss_local(

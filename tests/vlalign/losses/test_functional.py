@@ -88,6 +88,20 @@ def test_daa_weights_reject_a_bad_temperature() -> None:
     p = Problem.make(3, 4)
     with pytest.raises(LossInputError, match="T_w > 0"):
         daa_weights(p.image, p.text, temperature=0.0)
+    with pytest.raises(LossInputError, match=r"uniform_mix: expected a fraction in \[0, 1\], got 1.5"):
+        daa_weights(p.image, p.text, uniform_mix=1.5)
+
+
+def test_daa_uniform_mix_is_the_convex_combination_and_bounds_the_effective_batch() -> None:
+    p = Problem.make(6, 5, seed=4)
+    sharp = torch.tensor(loop_daa_weights(p.image, p.text, 0.01), dtype=torch.float64)  # (N,) the source's formula
+    for mix in (0.0, 0.3, 1.0):
+        w = daa_weights(p.image, p.text, temperature=0.01, uniform_mix=mix)  # (N,)
+        assert torch.allclose(w, mix / 6 + (1 - mix) * sharp, atol=1e-12)  # two float64 paths: rounding only
+        assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-12)
+        assert float(w.min()) >= mix / 6 - 1e-15  # every sample keeps at least mix/N of the weight
+    assert float(1 / (sharp ** 2).sum()) < 3.0  # T_w = 0.01 concentrates the weight (the mix has work to do)
+    assert math.isclose(float(1 / (daa_weights(p.image, p.text, 0.01, 1.0) ** 2).sum()), 6.0, rel_tol=1e-12)
 
 
 @pytest.mark.parametrize("n_rows,offset", [(6, 0), (3, 3)])

@@ -129,11 +129,36 @@ def test_daa_with_uniform_weights_is_infonce(impl, extra) -> None:
     # and with the default T_w the loss is not InfoNCE (the test above can fail)
     sharp = build_objective("daa", {"loss_impl": impl, **extra}, ObjectiveContext())(_leaves(seed=3, bias=False), {})
     assert not torch.allclose(sharp["loss"], clip["loss"], rtol=1e-6)
+    # uniform_mix = 1 is InfoNCE too, at any T_w; the effective batch is then N (the uniform weights' 1/sum w^2)
+    mixed = build_objective("daa", {"temperature": 0.05, "uniform_mix": 1.0, "loss_impl": impl, **extra},
+                            ObjectiveContext())(_leaves(seed=3, bias=False), {})
+    assert float(mixed["daa_effective_batch"]) == pytest.approx(N, rel=1e-9)
+    assert torch.allclose(mixed["loss"], clip["loss"], rtol=1e-12, atol=1e-12)
+    assert float(sharp["daa_effective_batch"]) < N - 0.1  # and the sharp weights' is below N
+
+
+def test_daa_effective_batch_with_a_uniform_mix_is_one_over_the_sum_of_squared_weights() -> None:
+    leaves = _leaves(seed=1, bias=False)
+    terms = build_objective("daa", {"temperature": 0.05, "uniform_mix": 0.5}, ObjectiveContext())(leaves, {})
+    x, y = leaves["image_features"].detach(), leaves["text_features"].detach()
+    weights = 0.5 / N + 0.5 * torch.tensor(daa_weights_direct(x, y, 0.05), dtype=torch.float64)  # (N,) the direct mix
+    # the metric is a float32 of a float64 sum: compare at float32's resolution
+    assert float(terms["daa_effective_batch"]) == pytest.approx(float(1 / (weights ** 2).sum()), rel=1e-6)
+    assert float(terms["daa_max_weight"]) == pytest.approx(float(weights.max() * N), rel=1e-6)
+    ref = _leaves(seed=1, bias=False)
+    expected_terms = []
+    for i in range(N):  # the loss with these weights, one row at a time
+        ce_it = -torch.log_softmax(ref["logit_scale"] * ref["image_features"][i] @ ref["text_features"].T, 0)[i]
+        ce_ti = -torch.log_softmax(ref["logit_scale"] * ref["text_features"][i] @ ref["image_features"].T, 0)[i]
+        expected_terms.append(weights[i] * (ce_it + ce_ti) / 2)
+    assert torch.allclose(terms["loss"], torch.stack(expected_terms).sum(), rtol=1e-12, atol=1e-12)
 
 
 def test_options_and_missing_bias_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match=r"objective daa: temperature=0; expected T_w > 0"):
         build_objective("daa", {"temperature": 0})
+    with pytest.raises(ConfigError, match=r"objective daa: uniform_mix=-0.1; expected a fraction in \[0, 1\]"):
+        build_objective("daa", {"uniform_mix": -0.1})
     with pytest.raises(ConfigError, match=r"objective siglip: loss_impl='fast'"):
         build_objective("siglip", {"loss_impl": "fast"})
     with pytest.raises(ConfigError, match=r"unknown objective_options \['temperature'\]"):
