@@ -93,9 +93,9 @@ def in_force(mode: str, threads: int | None = None) -> bool:
     """Whether this process computes in ``mode``: its environment holds the mode's pinned settings (read by the
     libraries when they loaded) and, once torch is loaded, ATen runs the pinned capability. The thread count is not
     part of it: :func:`apply_runtime` sets it when a stage starts (torchrun, for one, starts ranks with 1 thread)."""
+    if mode == "native":  # whatever this machine's libraries chose, unless a portable parent pinned them
+        return current_mode() != "portable"
     wanted = {k: v for k, v in environment(mode, threads).items() if k in PINNED or k == MODE_ENV}
-    if mode == "native":
-        wanted = {MODE_ENV: mode}  # native accepts whatever this machine has
     # threads are not compared: apply_runtime sets them at run time (torch.set_num_threads sets OpenMP's and MKL's)
     if any(os.environ.get(k) != v for k, v in wanted.items()):
         return False
