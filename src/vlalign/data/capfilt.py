@@ -2,10 +2,21 @@
 
 The captioner (the fusion model's caption decoder) writes ``synthetic_per_image`` captions for every training image
 by nucleus sampling; the ITM head scores every (image, caption) pair, original and synthetic, as a probability of a
-match; pairs below ``threshold`` are dropped. The kept pairs form the filtered manifest (the manifest columns of
+match; pairs below the threshold are dropped. The kept pairs form the filtered manifest (the manifest columns of
 INTERFACES §1 plus ``capfilt_origin`` = original | synthetic and ``itm_score``), which the pipeline writes as shards
-for the next stage; an image that keeps no caption leaves the corpus. :func:`capfilt_report` counts kept and dropped
-pairs per origin with examples, and :func:`capfilt_html` renders them with thumbnails.
+for the next stage. :func:`capfilt_report` counts kept and dropped pairs per origin with examples, and
+:func:`capfilt_html` renders them with thumbnails.
+
+**The threshold is calibrated** (``calibration: validation``, the default): it is the ITM score that keeps
+``keep_validation`` (0.95) of the validation split's own pairs (:func:`calibrate`), not BLIP's fixed 0.5
+(``calibration: none`` with ``threshold: 0.5``). An ITM head's probabilities carry the prior it was trained with
+(one positive per two hard negatives: a true pair's odds are divided by ~2) and, where different images share
+captions as they do in templated or web data, hard "negatives" that are true descriptions push every true pair
+further down; on the built-in data after the ``blip`` recipe's stage 2 a true pair averages 0.42, so a fixed 0.5
+dropped 82 % of correct captions. Ranking by the score still separates matched from mismatched pairs (ROC AUC,
+benchmarks/experiments/noise.py); the calibration decides where to cut from data the filter did not train on. With
+``keep_best_per_image`` (default) an image whose every caption falls below the threshold keeps its best-scoring
+one, so the filter never removes an image from the corpus.
 
 Pairs are scored with the per-image K/V cache of :mod:`vlalign.eval.rerank`: an image's cross-attention keys and
 values are computed once for all its captions. Images are read only through :mod:`vlalign.data.images`.
@@ -29,6 +40,7 @@ from vlalign.data.synthetic import CaptionerContext, register_captioner
 from vlalign.errors import ConfigError, DatasetFormatError, dataclass_from_mapping
 
 ORIGINS = ("original", "synthetic")
+CALIBRATIONS = ("validation", "none")
 _CJK = "\u3000-\u303f\u4e00-\u9fff\uff00-\uffef"  # CJK ideographs, symbols and full-width punctuation
 
 
@@ -42,8 +54,12 @@ class CapFiltConfig:
     temperature: float = 1.0  # softmax temperature of the sampler
     max_length: int = 20  # tokens of a synthetic caption at most, [CLS] and [SEP] included
     min_length: int = 5  # tokens before [SEP] may be sampled
-    threshold: float = 0.5  # ITM probability of a match below which a pair is dropped
-    drop_quantile: float | None = None  # instead of threshold: drop this lowest fraction of the scores (uncalibrated filters)
+    calibration: str = "validation"  # validation: the threshold keeps keep_validation of the val split's pairs;
+    #                                  none: the fixed `threshold` (BLIP: 0.5)
+    keep_validation: float = 0.95  # fraction of the validation pairs (true by construction) the threshold keeps
+    threshold: float = 0.5  # ITM probability of a match below which a pair is dropped (calibration: none)
+    drop_quantile: float | None = None  # instead: drop this lowest fraction of the training scores
+    keep_best_per_image: bool = True  # an image with no caption above the threshold keeps its best-scoring one
     batch_size: int = 64  # images captioned and scored at once
     seed: int = 0  # seed of the sampler
     examples: int = 6  # kept and dropped examples per origin in the report
@@ -59,6 +75,9 @@ class CapFiltConfig:
             (isinstance(self.min_length, int) and 1 <= self.min_length < self.max_length, "min_length",
              "an integer in [1, max_length)"),
             (0.0 <= self.threshold < 1.0, "threshold", "a probability in [0, 1)"),
+            (self.calibration in CALIBRATIONS, "calibration", f"one of {list(CALIBRATIONS)}"),
+            (0.0 < self.keep_validation <= 1.0, "keep_validation", "a fraction in (0, 1]"),
+            (isinstance(self.keep_best_per_image, bool), "keep_best_per_image", "true or false"),
             (self.drop_quantile is None or 0.0 <= self.drop_quantile < 1.0, "drop_quantile", "null or in [0, 1)"),
             (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "a positive integer"),
             (isinstance(self.examples, int) and self.examples >= 0, "examples", "an integer >= 0"),
@@ -131,9 +150,10 @@ def sample_captions(model: nn.Module, tokenizer: Any, chunk: pd.DataFrame, pixel
 
 
 @torch.no_grad()
-def run_capfilt(model: nn.Module, cfg: Any, rows: pd.DataFrame, config: CapFiltConfig) -> pd.DataFrame:
-    """Every (image, caption) pair of the training ``rows`` and of the sampled captions, with ``capfilt_origin``,
-    ``itm_score`` (probability of a match) and ``kept`` (score >= threshold), images in first-seen order."""
+def score_pairs(model: nn.Module, cfg: Any, rows: pd.DataFrame, config: CapFiltConfig,
+                synthetic: bool = True) -> pd.DataFrame:
+    """Every (image, caption) pair of ``rows`` (and, with ``synthetic``, of the captions sampled for their images) with
+    ``capfilt_origin`` and ``itm_score`` (probability of a match), images in first-seen order."""
     from vlalign.data.tokenizers import tokenize
     from vlalign.data.transforms import build_transform
     from vlalign.eval.rerank import has_itm_head, pair_scores_cached
@@ -143,7 +163,8 @@ def run_capfilt(model: nn.Module, cfg: Any, rows: pd.DataFrame, config: CapFiltC
         raise ConfigError(f"CapFilt needs a fusion model with a caption decoder and an ITM head; the checkpoint's model "
                           f"{cfg.name!r} (arch {cfg.arch!r}) lacks one. Run it after a `blip` stage (recipe blip).")
     if rows.empty:
-        raise DatasetFormatError("CapFilt: no training rows to filter.")
+        raise DatasetFormatError("CapFilt: no rows to score.")
+    was_training = model.training
     model.eval()
     tokenizer = build_tokenizer_for(cfg)
     transform = build_transform(cfg, train=False)
@@ -157,9 +178,9 @@ def run_capfilt(model: nn.Module, cfg: Any, rows: pd.DataFrame, config: CapFiltC
         pixels = _pixels(chunk, transform)  # (b, 3, H, W)
         image_tokens = model.image_outputs(pixels)[0]  # (b, T, C)
         frame = pd.concat([rows.iloc[groups[i]] for i in chunk["image_id"]]).assign(capfilt_origin="original")
-        if config.synthetic_per_image:
-            synthetic = sample_captions(model, tokenizer, chunk, pixels, image_tokens, config, generator, banned)
-            frame = pd.concat([frame, pd.DataFrame(synthetic)], ignore_index=True)
+        if synthetic and config.synthetic_per_image:
+            sampled = sample_captions(model, tokenizer, chunk, pixels, image_tokens, config, generator, banned)
+            frame = pd.concat([frame, pd.DataFrame(sampled)], ignore_index=True)
         text = tokenize(tokenizer, frame["caption"].tolist(), cfg.text.context_length)
         states = model.text_outputs(text["input_ids"], text["attention_mask"])[0]  # (n, L, H)
         local = {image_id: k for k, image_id in enumerate(chunk["image_id"])}
@@ -167,21 +188,59 @@ def run_capfilt(model: nn.Module, cfg: Any, rows: pd.DataFrame, config: CapFiltC
         log_odds = pair_scores_cached(model, image_tokens, states, text["attention_mask"], pairs, 256)
         frame["itm_score"] = torch.sigmoid(log_odds).numpy().astype(float)  # softmax(logits)[match]
         scored.append(frame)
-    result = pd.concat(scored, ignore_index=True)
-    result["kept"] = result["itm_score"] >= effective_threshold(result["itm_score"], config)
+    model.train(was_training)
+    return pd.concat(scored, ignore_index=True)
+
+
+def calibrate(model: nn.Module, cfg: Any, validation: pd.DataFrame | None, config: CapFiltConfig) -> dict[str, Any] | None:
+    """With ``calibration: validation``: the threshold that keeps ``keep_validation`` of the ``validation`` rows' own
+    (image, caption) pairs, their (1 − keep) score quantile, with what it was computed from; None otherwise (a fixed
+    ``threshold`` or ``drop_quantile``)."""
+    if config.calibration != "validation" or config.drop_quantile is not None:
+        return None
+    if validation is None or validation.empty:
+        raise DatasetFormatError("CapFilt: calibration: validation needs the validation split's pairs, and the corpus has "
+                                 "none (split == 'val'). Add a val split, or set the recipe's capfilt.calibration: none "
+                                 "with a fixed capfilt.threshold.")
+    scores = score_pairs(model, cfg, validation, config, synthetic=False)["itm_score"].to_numpy()
+    threshold = float(np.quantile(scores, 1.0 - config.keep_validation, method="lower"))
+    return {"split": "val", "pairs": int(len(scores)), "keep": config.keep_validation, "threshold": threshold,
+            "mean_itm_score": float(scores.mean()), "kept_fraction": float((scores >= threshold).mean())}
+
+
+def run_capfilt(model: nn.Module, cfg: Any, rows: pd.DataFrame, config: CapFiltConfig,
+                calibration: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Every (image, caption) pair of the training ``rows`` and of the sampled captions (:func:`score_pairs`), with
+    ``kept`` (score >= the threshold: the ``calibration``'s, else :func:`effective_threshold`) and ``rescued`` (kept
+    only because it is its image's best caption, ``keep_best_per_image``)."""
+    if config.calibration == "validation" and config.drop_quantile is None and calibration is None:
+        raise ConfigError("CapFilt: calibration: validation needs the calibration of vlalign.data.capfilt.calibrate "
+                          "(the validation pairs' scores); pass it, or set calibration: none.")
+    result = score_pairs(model, cfg, rows, config)
+    result["kept"] = result["itm_score"] >= effective_threshold(result["itm_score"], config, calibration)
+    result["rescued"] = False
+    if config.keep_best_per_image:
+        best = result.groupby("image_id", sort=False)["itm_score"].idxmax()  # each image's best-scoring pair
+        lost = ~result.groupby("image_id", sort=False)["kept"].any()
+        rescue = best[lost[lost].index].to_numpy()
+        result.loc[rescue, "kept"] = True
+        result.loc[rescue, "rescued"] = True
     return result
 
 
-def effective_threshold(scores: pd.Series, config: CapFiltConfig) -> float:
-    """``threshold``, or with ``drop_quantile`` q the q-quantile of the scores (the lowest fraction q is dropped)."""
-    if config.drop_quantile is None:
-        return config.threshold
-    return float(np.quantile(scores.to_numpy(), config.drop_quantile))
+def effective_threshold(scores: pd.Series, config: CapFiltConfig, calibration: dict[str, Any] | None = None) -> float:
+    """With ``drop_quantile`` q the q-quantile of the scores (the lowest fraction q is dropped); else the
+    calibrated threshold when there is a ``calibration``; else the fixed ``threshold``."""
+    if config.drop_quantile is not None:
+        return float(np.quantile(scores.to_numpy(), config.drop_quantile))
+    if calibration is not None:
+        return float(calibration["threshold"])
+    return config.threshold
 
 
 def filtered_manifest(scored: pd.DataFrame, config: CapFiltConfig) -> pd.DataFrame:
     """The kept pairs (manifest columns + ``capfilt_origin``, ``itm_score``); a ConfigError when nothing is kept."""
-    kept = scored[scored["kept"]].drop(columns=["kept"]).reset_index(drop=True)
+    kept = scored[scored["kept"]].drop(columns=["kept", "rescued"], errors="ignore").reset_index(drop=True)
     if kept.empty:
         raise ConfigError(f"CapFilt kept no pair: every ITM score is below the threshold {config.threshold} (highest "
                           f"{scored['itm_score'].max():.3f}). Train the filtering stage {config.after!r} longer or "
@@ -189,9 +248,11 @@ def filtered_manifest(scored: pd.DataFrame, config: CapFiltConfig) -> pd.DataFra
     return kept
 
 
-def capfilt_report(scored: pd.DataFrame, config: CapFiltConfig) -> dict[str, Any]:
-    """Counts of kept and dropped pairs per origin, images that lost every caption, and seeded examples of each
-    (image path and root, caption, score), for the JSON report and :func:`capfilt_html`."""
+def capfilt_report(scored: pd.DataFrame, config: CapFiltConfig,
+                   calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Counts of kept and dropped pairs per origin, images that lost every caption (or kept only their best one),
+    the threshold and its calibration, and seeded examples of each (image path and root, caption, score), for the
+    JSON report and :func:`capfilt_html`."""
     rng = np.random.default_rng(config.seed)
     per_origin: dict[str, Any] = {}
     for origin in ORIGINS:
@@ -209,9 +270,11 @@ def capfilt_report(scored: pd.DataFrame, config: CapFiltConfig) -> dict[str, Any
                               "mean_itm_score": float(part["itm_score"].mean()) if len(part) else 0.0,
                               "examples": examples}
     images = scored.groupby("image_id", sort=False)["kept"].any()
-    return {"config": asdict(config), "threshold": effective_threshold(scored["itm_score"], config), "n_images": int(len(images)), "images_kept": int(images.sum()),
-            "images_without_caption": int((~images).sum()), "pairs": int(len(scored)),
-            "pairs_kept": int(scored["kept"].sum()), "per_origin": per_origin}
+    rescued = scored["rescued"] if "rescued" in scored else pd.Series(False, index=scored.index)
+    return {"config": asdict(config), "threshold": effective_threshold(scored["itm_score"], config, calibration),
+            "calibration": calibration, "n_images": int(len(images)), "images_kept": int(images.sum()),
+            "images_without_caption": int((~images).sum()), "images_rescued": int(rescued.sum()),
+            "pairs": int(len(scored)), "pairs_kept": int(scored["kept"].sum()), "per_origin": per_origin}
 
 
 def _thumbnail(path: str, root: str, side: int) -> str:
@@ -225,6 +288,16 @@ def _thumbnail(path: str, root: str, side: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _threshold_origin(report: dict[str, Any]) -> str:
+    config, calibration = report["config"], report.get("calibration")
+    if config["drop_quantile"] is not None:
+        return f" (the {config['drop_quantile']} quantile of the scores). "
+    if calibration:
+        return (f" (calibrated: it keeps {100 * calibration['kept_fraction']:.1f} % of the {calibration['pairs']} "
+                f"validation pairs, whose mean score is {calibration['mean_itm_score']:.3f}). ")
+    return " (fixed). "
+
+
 def capfilt_html(report: dict[str, Any], title: str = "CapFilt report") -> str:
     """A self-contained HTML page: kept/dropped counts per origin, then kept and dropped examples with thumbnails."""
     config = report["config"]
@@ -233,10 +306,11 @@ def capfilt_html(report: dict[str, Any], title: str = "CapFilt report") -> str:
             f"<p>Captioner and filter: the final checkpoint of stage <b>{esc(str(config['after']))}</b>. "
             f"{config['synthetic_per_image']} synthetic caption(s) per image by nucleus sampling (top_p "
             f"{config['top_p']}); a pair is kept when the ITM probability of a match is at least "
-            f"{report['threshold']:.4g}"
-            + (f" (the {config['drop_quantile']} quantile of the scores). " if config["drop_quantile"] is not None else ". ")
-            + f"{report['images_kept']} of {report['n_images']} images keep at least one caption; "
-            f"{report['pairs_kept']} of {report['pairs']} pairs are kept.</p>",
+            f"{report['threshold']:.4g}" + _threshold_origin(report)
+            + f"{report['images_kept']} of {report['n_images']} images keep at least one caption"
+            + (f" ({report.get('images_rescued', 0)} only their best-scoring one); " if config.get("keep_best_per_image")
+               else "; ")
+            + f"{report['pairs_kept']} of {report['pairs']} pairs are kept.</p>",
             "<table><tr><th>Origin</th><th>Pairs</th><th>Kept</th><th>Dropped</th><th>Kept %</th>"
             "<th>Mean ITM score</th></tr>"]
     for origin, stats in report["per_origin"].items():

@@ -79,6 +79,8 @@ class AlbefOptions:
     itm_negatives: str = "teacher"  # hard-negative similarity: teacher = student × momentum teacher (ALBEF and BLIP
     #                                 pre-training); student = student × student (BLIP retrieval fine-tuning)
     negative_weight_floor: float = 0.0  # added to the hard-negative softmax before positives get 0 (BLIP: 1e-4)
+    itm_same_text_positive: bool = False  # ITM: a caption whose tokens equal the row's own caption is no negative
+    #                                       for its image (ALBEF, BLIP: false, only the same image id is excluded)
     mask_same_image: bool = False  # ITC: columns of the same image id are positives too (ALBEF/BLIP retrieval
     #                                fine-tuning); false: only the row's own pair (ALBEF and BLIP pre-training)
     mlm_mask_sep: bool = True  # MLM may select [SEP] (ALBEF: only [PAD] and [CLS] excluded); false: no special token
@@ -363,7 +365,11 @@ class AlbefObjective(Objective):
             terms["itc"] = self.itc(out, image_m, text_m, ids, alpha)
             total = total + opts.itc_weight * terms["itc"]
         if opts.itm_weight > 0:
-            terms["itm"], terms["itm_accuracy"] = self.itm(model, out, ids, image_m, text_m)
+            same_text = None
+            if opts.itm_same_text_positive:
+                tokens = batch["input_ids"].to(ids.device)
+                same_text = (tokens[:, None, :] == tokens[None, :, :]).all(dim=2)  # (B, B) identical captions
+            terms["itm"], terms["itm_accuracy"] = self.itm(model, out, ids, image_m, text_m, same_text)
             total = total + opts.itm_weight * terms["itm"]
         if opts.mlm_weight > 0:
             terms["mlm"] = self.mlm(model, out, batch, image_tokens_m, alpha)
@@ -395,12 +401,17 @@ class AlbefObjective(Objective):
         return 0.5 * (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i))
 
     def itm_negative_weights(self, out: dict[str, torch.Tensor], image_m: torch.Tensor, text_m: torch.Tensor,
-                             ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                             ids: torch.Tensor, same_text: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, B) weights of each image's negative captions and (B, B) of each caption's negative images.
 
         ``itm_negatives: teacher`` scores the student rows against the momentum teacher's batch features, as ALBEF's
         and BLIP's pre-training (``softmax(sim_i2t[:, :bs])`` with ``sim_i2t = image_feat @ text_feat_all / temp``);
-        ``student`` scores student against student. Captions of the same image id get weight 0.
+        ``student`` scores student against student. Captions of the same image id get weight 0, and with
+        ``same_text`` (B, B) (``itm_same_text_positive``) so do pairs whose captions are identical: a caption that
+        is word for word one of the image's own describes it, so it is a false negative (templated and web corpora
+        repeat captions across images; on the built-in data 38 % of the training pairs share their caption with
+        another image, and an ITM head trained to reject them learns little more than its label prior).
         """
         opts = self.options
         scale = out["logit_scale"].float()
@@ -412,15 +423,17 @@ class AlbefObjective(Objective):
             sim_i2t = scale * image @ text.T  # (B, B) student x student
             sim_t2i = sim_i2t.T
         positives = ids[:, None] == ids[None, :]  # (B, B) same image
+        if same_text is not None:
+            positives = positives | same_text
         return (negative_weights(sim_i2t, positives, opts.hard_negatives, opts.negative_weight_floor),
                 negative_weights(sim_t2i, positives.T, opts.hard_negatives, opts.negative_weight_floor))
 
     def itm(self, model: nn.Module, out: dict[str, torch.Tensor], ids: torch.Tensor, image_m: torch.Tensor,
-            text_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            text_m: torch.Tensor, same_text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ITM cross-entropy over the B positive pairs and the 2B hard-negative pairs; and its accuracy."""
         text_tokens, text_mask, image_tokens = out["text_tokens"], out["text_mask"], out["image_tokens"]
         with torch.no_grad():
-            weights_i2t, weights_t2i = self.itm_negative_weights(out, image_m, text_m, ids)  # (B, B) each
+            weights_i2t, weights_t2i = self.itm_negative_weights(out, image_m, text_m, ids, same_text)  # (B, B) each
             neg_text = draw_negatives(weights_i2t)  # (B,) a caption per image
             neg_image = draw_negatives(weights_t2i)  # (B,) an image per caption
         logits = [model.itm_logits(text_tokens, text_mask, image_tokens)]  # (B, 2) matching pairs

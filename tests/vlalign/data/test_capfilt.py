@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from vlalign.data.capfilt import (
-    CapFiltConfig, caption_lang, caption_text, capfilt_html, capfilt_report, effective_threshold, filtered_manifest,
-    run_capfilt,
+    CapFiltConfig, calibrate, caption_lang, caption_text, capfilt_html, capfilt_report, effective_threshold,
+    filtered_manifest, run_capfilt,
 )
-from vlalign.errors import ConfigError
+from vlalign.errors import ConfigError, DatasetFormatError
 from vlalign.models import build_model, build_tokenizer_for, get_model_config
 
 from shared import TINY, make_manifest
@@ -25,12 +25,13 @@ def scored(tmp_path_factory):
     model = build_model(cfg)
     rows = make_manifest(tmp_path_factory.mktemp("capfilt") / "images")
     rows = rows[rows["split"] == "train"]
-    config = CapFiltConfig(synthetic_per_image=2, max_length=8, min_length=2, batch_size=5, examples=3)
-    return rows, config, run_capfilt(model, cfg, rows, config), cfg
+    config = CapFiltConfig(synthetic_per_image=2, max_length=8, min_length=2, batch_size=5, examples=3,
+                           calibration="none", keep_best_per_image=False)  # BLIP's filter: a fixed 0.5
+    return rows, config, run_capfilt(model, cfg, rows, config), cfg, model
 
 
 def test_every_original_and_synthetic_pair_is_scored(scored) -> None:
-    rows, config, result, cfg = scored
+    rows, config, result, cfg, _ = scored
     original = result[result["capfilt_origin"] == "original"]
     synthetic = result[result["capfilt_origin"] == "synthetic"]
     assert len(original) == len(rows) and set(original["caption_id"]) == set(rows["caption_id"])
@@ -46,7 +47,7 @@ def test_every_original_and_synthetic_pair_is_scored(scored) -> None:
 
 
 def test_filter_report_and_html(scored) -> None:
-    _, config, result, _ = scored
+    _, config, result, _, _ = scored
     threshold = float(result["itm_score"].median())  # a threshold that keeps some pairs and drops others
     config = CapFiltConfig(**{**config.__dict__, "threshold": threshold})
     result = result.assign(kept=result["itm_score"] >= threshold)
@@ -71,6 +72,48 @@ def test_filter_report_and_html(scored) -> None:
         filtered_manifest(result.assign(kept=False), config)
 
 
+def test_calibrated_threshold_keeps_the_asked_fraction_of_validation_pairs(scored) -> None:
+    """calibration: validation cuts at the score that keeps keep_validation of the validation pairs (scored by the
+    same head, original captions only), whatever the head's prior; the training pairs are then cut there."""
+    rows, fixed, _, cfg, model = scored
+    config = CapFiltConfig(**{**fixed.__dict__, "calibration": "validation", "keep_validation": 0.75})
+    validation = rows.iloc[: 24].assign(split="val")  # stands in for a val split: true pairs of 8 images
+    calibration = calibrate(model, cfg, validation, config)
+    own = run_capfilt(model, cfg, validation, CapFiltConfig(**{**config.__dict__, "synthetic_per_image": 0}), calibration)
+    assert calibration["pairs"] == len(validation) == len(own)
+    assert calibration["kept_fraction"] == pytest.approx((own["itm_score"] >= calibration["threshold"]).mean())
+    assert 0.75 <= calibration["kept_fraction"] < 0.75 + 2 / len(validation)  # keeps the fraction asked, no more
+    assert calibration["threshold"] in set(own["itm_score"])  # a score of a validation pair (the lower quantile)
+    result = run_capfilt(model, cfg, rows, config, calibration)
+    assert (result["kept"] == (result["itm_score"] >= calibration["threshold"])).all()
+    report = capfilt_report(result, config, calibration)
+    assert report["threshold"] == calibration["threshold"] and report["calibration"] == calibration
+    assert "calibrated: it keeps" in capfilt_html(report)
+    with pytest.raises(ConfigError, match="needs the calibration"):
+        run_capfilt(model, cfg, rows, config)
+    with pytest.raises(DatasetFormatError, match="split == 'val'"):
+        calibrate(model, cfg, validation.iloc[:0], config)
+    assert calibrate(model, cfg, validation, fixed) is None  # calibration: none -> the fixed threshold
+
+
+def test_keep_best_per_image_leaves_no_image_without_a_caption(scored) -> None:
+    rows, fixed, _, cfg, model = scored
+    strict = {**fixed.__dict__, "threshold": 0.999, "synthetic_per_image": 1}  # drops (nearly) every pair
+    without = run_capfilt(model, cfg, rows, CapFiltConfig(**strict))
+    assert not without["rescued"].any()
+    assert without.groupby("image_id")["kept"].any().sum() < rows["image_id"].nunique()  # images lost
+    result = run_capfilt(model, cfg, rows, CapFiltConfig(**{**strict, "keep_best_per_image": True}))
+    assert result.groupby("image_id")["kept"].any().all()  # every image keeps a caption
+    for image_id, group in result.groupby("image_id"):
+        if not without.loc[group.index, "kept"].any():  # it had lost all: now exactly its best-scoring pair
+            assert group["kept"].sum() == 1 and group.loc[group["kept"], "itm_score"].item() == group["itm_score"].max()
+            assert group.loc[group["kept"], "rescued"].all()
+        else:
+            assert (group["kept"] == without.loc[group.index, "kept"]).all() and not group["rescued"].any()
+    report = capfilt_report(result, CapFiltConfig(**{**strict, "keep_best_per_image": True}))
+    assert report["images_without_caption"] == 0 and report["images_rescued"] == int(result["rescued"].sum()) > 0
+
+
 def test_quantile_threshold_and_config_errors() -> None:
     import pandas as pd
 
@@ -79,6 +122,10 @@ def test_quantile_threshold_and_config_errors() -> None:
     assert effective_threshold(scores, CapFiltConfig(threshold=0.25)) == 0.25
     with pytest.raises(ConfigError, match="capfilt.top_p"):
         CapFiltConfig(top_p=0.0)
+    with pytest.raises(ConfigError, match=r"capfilt.calibration='train'.*\['validation', 'none'\]"):
+        CapFiltConfig(calibration="train")
+    with pytest.raises(ConfigError, match="capfilt.keep_validation"):
+        CapFiltConfig(keep_validation=0.0)
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['treshold'\]"):
         CapFiltConfig.from_dict({"treshold": 0.5})
 

@@ -210,3 +210,57 @@ def test_evaluate_rerank_reports_both_metric_sets(model, tmp_path) -> None:
                         manifest, "train", "en")
     with pytest.raises(ConfigError, match="unknown key"):
         RerankConfig.from_dict({"k": 3})
+
+
+def test_itm_plus_itc_adds_each_candidates_itc_logit(model, tmp_path) -> None:
+    """score itm+itc (BLIP/BLIP-2 in LAVIS) ranks the re-scored candidates by ITM log-odds + ITC logit (cosine times
+    the learned logit scale); itm (ALBEF) by the log-odds alone; the same candidates either way."""
+    manifest = make_manifest(tmp_path / "images")
+    paths, roots, captions, text_to_image = retrieval_inputs(manifest, "train", "en")
+    inputs = rerank_inputs(model, model.config, paths, roots, captions)
+    t2i, i2t, fused = rerank_score_matrices(model, inputs, 4, 8, score="itm")
+    t2i_sum, i2t_sum, fused_sum = rerank_score_matrices(model, inputs, 4, 8, score="itm+itc")
+    assert fused == fused_sum and torch.equal(torch.isfinite(i2t), torch.isfinite(i2t_sum))
+    scale = float(model.logit_scale.detach().exp())
+    assert scale != 1.0  # the learned scale, not a plain cosine
+    logits = scale * (inputs.image_emb @ inputs.text_emb.T)  # (N, M) computed independently of the library's pairs
+    finite = torch.isfinite(i2t)
+    torch.testing.assert_close(i2t_sum[finite], (i2t + logits)[finite], rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(t2i_sum[finite.T], (t2i + logits.T)[finite.T], rtol=0, atol=1e-5 * scale)
+    result = evaluate_rerank(model, model.config, manifest, "train", "en", RerankConfig(k_test=4, batch_size=8))
+    assert result["score"] == "itm+itc"
+    assert result["metrics"] == recall_from_ranks(ranks_from_scores(t2i_sum, i2t_sum, text_to_image))
+    with pytest.raises(ConfigError, match=r"evaluation.rerank.score='itc'; expected one of \['itm\+itc', 'itm'\]"):
+        RerankConfig(score="itc")
+
+
+def test_itm_weight_is_chosen_on_the_validation_split(model, tmp_path) -> None:
+    """itm_weight: validation scores every weight of the grid on the val split's pairs and evaluates the asked split
+    with the best one (ties: the larger); a fixed weight 0 leaves the ITC order of the candidates."""
+    from vlalign.eval.rerank import WEIGHT_GRID, choose_itm_weight, logit_scale_of
+
+    manifest = make_manifest(tmp_path / "images")
+    manifest.loc[manifest["image_id"].astype(str).isin([str(i) for i in range(8)]), "split"] = "val"  # 8 val images
+    config = RerankConfig(k_test=4, batch_size=8)
+    weight, source, scores = choose_itm_weight(model, model.config, manifest, "en", config)
+    assert source.startswith("validation") and set(scores) == {str(w) for w in WEIGHT_GRID}
+    paths, roots, captions, text_to_image = retrieval_inputs(manifest, "val", "en")
+    inputs = rerank_inputs(model, model.config, paths, roots, captions)
+    for w in WEIGHT_GRID:  # each grid score is the mean recall of rerank_score_matrices at that weight (to rounding)
+        t2i, i2t, _ = rerank_score_matrices(model, inputs, 4, 8, score="itm+itc", itm_weight=w)
+        direct = recall_from_ranks(ranks_from_scores(t2i, i2t, text_to_image))["mean_recall"]
+        assert abs(direct - scores[str(w)]) <= 1.0 / len(captions) + 1e-9
+    assert scores[str(weight)] == max(scores.values())
+    assert weight == max(w for w in WEIGHT_GRID if scores[str(w)] == max(scores.values()))
+    result = evaluate_rerank(model, model.config, manifest, "train", "en", config)
+    assert (result["itm_weight"], result["itm_weight_scores"]) == (weight, scores)
+    t2i, i2t, _ = rerank_score_matrices(model, inputs=rerank_inputs(model, model.config, *retrieval_inputs(
+        manifest, "train", "en")[:3]), k_test=4, batch_size=8, score="itm+itc", itm_weight=weight)
+    assert result["metrics"] == recall_from_ranks(ranks_from_scores(t2i, i2t, retrieval_inputs(manifest, "train", "en")[3]))
+    zero = evaluate_rerank(model, model.config, manifest, "train", "en", RerankConfig(k_test=4, itm_weight=0))
+    assert zero["itm_weight"] == 0.0 and zero["itm_weight_from"] == "config"
+    for key in ("image_retrieval_recall@1", "text_retrieval_recall@1"):  # w = 0: the candidates keep their ITC order
+        assert abs(zero["metrics"][key] - zero["itc_metrics"][key]) <= 0.1
+    assert logit_scale_of(model) > 1.0
+    with pytest.raises(ConfigError, match="itm_weight=-1; expected a number >= 0 or 'validation'"):
+        RerankConfig(itm_weight=-1)

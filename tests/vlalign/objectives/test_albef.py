@@ -393,6 +393,40 @@ def test_itm_negative_weights_equal_the_reference(objective_name, options, index
         assert (got[0] / got[0].sum(1, keepdim=True) - other[0] / other[0].sum(1, keepdim=True)).abs().max() > 1e-3
 
 
+def test_same_text_positive_never_draws_an_identical_caption_as_negative() -> None:
+    """itm_same_text_positive: a caption word for word equal to the row's own is a false negative (templated and web
+    corpora repeat captions across images): weight 0 both ways, every other weight as without the option, and the
+    objective's ITM draws never pick it."""
+    torch.manual_seed(0)
+    cfg = _cfg()
+    model = build_model(cfg).eval()
+    batch = {**_batch(cfg), "index": torch.tensor([0, 1, 2, 3])}
+    batch["input_ids"][2] = batch["input_ids"][0]  # image 2's caption is image 0's caption, token for token
+    batch["attention_mask"][2] = batch["attention_mask"][0]
+    same = (batch["input_ids"][:, None] == batch["input_ids"][None]).all(dim=2)
+    assert same[0, 2] and same[2, 0] and int(same.sum()) == 6  # the diagonal and the duplicated pair
+    objective = build_objective("albef", {"queue_size": 8, "mlm_weight": 0.0, "itm_same_text_positive": True},
+                                ObjectiveContext(model=model, total_steps=10, steps_per_epoch=2))
+    with torch.no_grad():
+        out = model(batch)
+        image_m = objective.teacher.encode_image(batch["pixels"])
+        text_m = objective.teacher.encode_text(batch["input_ids"], batch["attention_mask"])
+        plain = objective.itm_negative_weights(out, image_m, text_m, batch["index"])
+        masked = objective.itm_negative_weights(out, image_m, text_m, batch["index"], same)
+    for before, after in zip(plain, masked):
+        assert before[0, 2] > 0 and before[2, 0] > 0  # without the option the duplicate is a candidate negative
+        assert after[0, 2] == 0 and after[2, 0] == 0
+        keep = ~same
+        assert torch.equal(after[keep], before[keep])  # nothing else changes
+    model.train()
+    objective.train()
+    drawn = []
+    original = objective.itm_negative_weights
+    objective.itm_negative_weights = lambda *a: drawn.append(original(*a)) or drawn[-1]
+    objective(model(batch), batch)  # the forward builds `same` from the batch's tokens itself
+    assert drawn and all(w[0, 2] == 0 and w[2, 0] == 0 for w in drawn[-1])
+
+
 def test_blip_floor_makes_a_well_separated_row_near_uniform() -> None:
     """BLIP: ``softmax(sim) + 1e-4``, positives 0. Once a row is well separated the floor dominates the draw."""
     sim = torch.zeros(2, 64)
