@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.parser(__doc__, "batch_size")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 16, 32, 64, 128])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
-    parser.add_argument("--examples", type=int, default=6400, help="training pairs seen by the stage that trains everything")
+    parser.add_argument("--examples", type=int, default=4800, help="training pairs seen by the stage that trains everything")
     parser.add_argument("--frozen-examples", type=int, default=640, help="pairs seen by the frozen-tower stage")
     args = parser.parse_args(argv)
     common.setup(args)

@@ -83,7 +83,7 @@ def plot(runs: dict, summary: dict, out: Path, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.parser(__doc__, "budget")
-    parser.add_argument("--budgets", nargs="+", type=int, default=[100, 300, 800], help="steps of the full stage")
+    parser.add_argument("--budgets", nargs="+", type=int, default=[100, 300, 600], help="steps of the full stage")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--frozen-steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)

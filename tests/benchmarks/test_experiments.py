@@ -112,3 +112,22 @@ def test_experiment_script_end_to_end(script, args, tmp_path, capsys) -> None:
     assert module.main(argv) == 0  # resumed: every run is cached, none is trained again
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtime
     assert "|" in capsys.readouterr().out  # the markdown table
+
+
+def test_recipe_guide_is_generated_from_the_committed_results() -> None:
+    """docs/recipes/guide.md is exactly what guide.py writes from the result files beside it: no number in it is
+    typed by hand, and none is stale."""
+    import guide
+
+    assert guide.GUIDE.exists(), "docs/recipes/guide.md is missing: run benchmarks/experiments/guide.py"
+    assert guide.main(["--check"]) == 0, "docs/recipes/guide.md is stale: run benchmarks/experiments/guide.py"
+
+
+def test_verdicts_follow_the_interval() -> None:
+    import guide
+
+    assert guide.verdict(common.interval([0.10, 0.12, 0.11]), "ahead", "behind") == "ahead"
+    assert guide.verdict(common.interval([-0.10, -0.12, -0.11]), "ahead", "behind") == "behind"
+    assert guide.verdict(common.interval([-0.1, 0.1, 0.02]), "ahead", "behind") == "not resolved at 95 %"
+    assert guide.verdict(common.interval([0.3]), "ahead", "behind") == "one seed: not resolved"
+    assert guide.paired([0.5, 0.6], [0.4, 0.4])["values"] == pytest.approx([0.1, 0.2])

@@ -65,13 +65,14 @@ def test_shipped_albef_and_blip_recipes_keep_the_conventions_they_were_measured_
 
     params = RunConfigLoader(str(REPO / "conf"), "local", None, **CONFIG_LOADER_ARGS)["parameters"]
     measured = {"itm_negatives": "student", "negative_weight_floor": 0.0, "mask_same_image": True,
-                "mlm_mask_sep": False, "alpha_ramp_epochs": 1.0, "queue_init": "empty"}
+                "mlm_mask_sep": False, "alpha_ramp_epochs": 1.0, "queue_init": "empty", "itm_same_text_positive": True}
     for recipe in ("albef", "blip"):
         for stage in resolve_stages(params["training"], recipe):
             options = objective_options(stage["objective"], stage["objective_options"])
             matters = {"itm_negatives": options.itm_weight > 0, "negative_weight_floor": options.itm_weight > 0,
                        "mask_same_image": options.itc_weight > 0, "mlm_mask_sep": options.mlm_weight > 0,
-                       "alpha_ramp_epochs": options.distill, "queue_init": options.queue_size > 0}
+                       "alpha_ramp_epochs": options.distill, "queue_init": options.queue_size > 0,
+                       "itm_same_text_positive": options.itm_weight > 0}
             got = {name: getattr(options, name) for name in measured if matters[name]}
             assert got == {name: value for name, value in measured.items() if matters[name]}, (recipe, stage["name"])
             assert options.itc_weight > 0 and options.queue_size > 0
@@ -93,6 +94,9 @@ def _rerank_block(data: Path) -> dict:
     # shapes here (all captions in one batch of evaluation.batch_size 256, one chunk of 1024 queries), so the same
     # kernels give the same bits on any CPU. With more captions their batches differ, the cosines may differ in the
     # last bit, and only a near-tie-tolerant comparison holds (tests/vlalign/eval/test_rerank.py).
+    assert block["score"] == "itm+itc" and block["itm_weight"] in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    assert block["itm_weight_from"].startswith("validation") and set(block["itm_weight_scores"]) == {
+        "0.0", "0.25", "0.5", "1.0", "2.0", "4.0"}
     assert block["n_captions"] <= 256
     assert block["itc_metrics"] == pytest.approx(metrics["retrieval"]["metrics"])
     assert "itm_rerank" not in metrics["evaluation_data"]["blocks"]  # same evaluation data as a dual encoder's
@@ -125,7 +129,10 @@ def test_blip_recipe_end_to_end_with_capfilt(project: Path, monkeypatch: pytest.
     kept = pd.read_parquet(data / "05_model_input" / "capfilt_manifest.parquet")
     report = json.loads((data / "08_reporting" / "capfilt" / "capfilt_report.json").read_text())
     assert report["config"]["drop_quantile"] == 0.3  # the test environment's uncalibrated 4-step filter
-    assert set(kept["capfilt_origin"]) == {"original", "synthetic"} and (kept["itm_score"] >= report["threshold"]).all()
+    assert set(kept["capfilt_origin"]) == {"original", "synthetic"}
+    below = kept[kept["itm_score"] < report["threshold"]]  # kept only as their image's best caption
+    assert len(below) == report["images_rescued"] and below["image_id"].is_unique
+    assert report["images_without_caption"] == 0 and kept["image_id"].nunique() == report["n_images"]
     shards = json.loads((data / "05_model_input" / "shards" / "capfilt" / "shards.json").read_text())
     assert shards["n_samples"] == kept["image_id"].nunique()
     clean = pd.read_parquet(data / "03_primary" / "clean_manifest.parquet")

@@ -21,8 +21,8 @@ from vlalign.train.checkpoint import as_checkpoint
 
 
 SUMMARY_KEYS = ("dataset", "split", "language", "n_images", "n_captions", "n_classes", "n_templates",
-                "n_pairs", "n_pairs_per_attribute", "k_test", "metrics", "itc_metrics", "chance", "ratio_to_chance",
-                "calibration")
+                "n_pairs", "n_pairs_per_attribute", "k_test", "score", "itm_weight", "itm_weight_from",
+                "itm_weight_scores", "metrics", "itc_metrics", "chance", "ratio_to_chance", "calibration")
 
 
 def build_probe_pairs(probe_source: dict[str, Any], manifest: pd.DataFrame, params: dict[str, Any]) -> list[list[str]]:
@@ -118,9 +118,13 @@ def write_report(details: dict[str, Any], params: dict[str, Any]) -> dict[str, s
             chance = {f"{k} ({kind})": v for k, v in block["chance"].items() for kind in ("ITM re-ranked", "ITC only")}
             sections[f"{block['dataset']} retrieval with ITM re-ranking ({block['language']}, {block['split']})"] = {
                 "metrics": metrics, "chance": chance, "k_test": block["k_test"], "n_pairs_fused": block["n_pairs_fused"],
+                "score": block.get("score"), "itm_weight": block.get("itm_weight"),
+                "itm_weight_from": block.get("itm_weight_from"),
                 "description": f"ITC ranks every candidate; the top {block['k_test']} of each query are re-scored by "
-                "the ITM head (log-odds of a match), with each image's cross-attention keys and values computed "
-                "once for all its candidates. Same protocol and tie rule as the retrieval section.",
+                + (f"w x ITM log-odds + ITC logit, w = {block.get('itm_weight')} ({block.get('itm_weight_from')})"
+                   if block.get("score") == "itm+itc" else "the ITM head (log-odds of a match)")
+                + ", with each image's cross-attention keys and values computed once for all its candidates. Same "
+                "protocol and tie rule as the retrieval section.",
             }
         elif name == "zero_shot":
             sections[f"{block['dataset']} zero-shot ({block['language']})"] = {
