@@ -232,6 +232,7 @@ class Budget:
     options: dict[str, Any] = field(default_factory=dict)  # merged into every stage's objective_options
     stage_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage name, merged after `options`
     lr: float | None = None  # every stage's learning rate (None: the recipe's)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the recipe's
 
 
 def recipe_stages(recipe: str, budget: Budget) -> tuple[Any, list[tuple[Any, dict[str, Any]]], dict[str, Any]]:
@@ -243,7 +244,7 @@ def recipe_stages(recipe: str, budget: Budget) -> tuple[Any, list[tuple[Any, dic
     model, training = training_conf()
     plan = recipe_plan(training, recipe)
     resolved = resolve_model(model, training, recipe)
-    cfg = get_model_config(resolved["name"], **(resolved.get("overrides") or {}))
+    cfg = get_model_config(resolved["name"], **{**(resolved.get("overrides") or {}), **budget.model_overrides})
     stages = resolve_stages(training, recipe)
     frozen = [s["trainable"] != ["all"] for s in stages]
     epochs = [max(int(s.get("epochs") or 1), 1) for s, f in zip(stages, frozen)]

@@ -49,10 +49,20 @@ def verdict(diff: dict | None, better: str, worse: str) -> str:
     return "not resolved at 95 %"
 
 
-def paired(runs_a: list[float], runs_b: list[float]) -> dict | None:
-    if not runs_a or len(runs_a) != len(runs_b):
+def by_seed(r: dict | None, metric: str = "mean_recall") -> dict[int, float]:
+    """A summary row's per-seed values of ``metric`` (rows keep ``seeds`` in the order of the values)."""
+    if not r or metric not in r:
+        return {}
+    return dict(zip(r["seeds"], r[metric]["values"]))
+
+
+def paired_rows(a: dict | None, b: dict | None, metric: str = "mean_recall", ratio: bool = False) -> dict | None:
+    """Interval of a − b (or a / b) over the seeds both rows have."""
+    va, vb = by_seed(a, metric), by_seed(b, metric)
+    seeds = sorted(set(va) & set(vb))
+    if not seeds:
         return None
-    return common.interval(a - b for a, b in zip(runs_a, runs_b))
+    return common.interval((va[k] / vb[k]) if ratio else (va[k] - vb[k]) for k in seeds)
 
 
 def row(rows: list[dict], **match: Any) -> dict | None:
@@ -148,7 +158,8 @@ def section_noise(noise) -> list[str]:
     c = noise["config"]
     rows = noise["summary"]["rows"]
     out += [f"`benchmarks/experiments/noise.py`: the built-in data with {c['n_train']} training images and 0, 20 and "
-            f"40 % of the training captions replaced by captions of other images; each recipe as shipped at "
+            f"40 % of the training captions replaced by captions of other images; each recipe as shipped, and "
+            f"`blip_uniform` (`blip` with its ITM negatives drawn uniformly, `hard_negatives: false`), at "
             f"{c['steps']} steps of its full stages (batch {c['batch_size']}, {c['frozen_steps']} steps of the "
             f"frozen-tower stage); retrieval on the clean test split; {len(rows[0]['seeds'])} seeds. "
             f"{noise['n_runs']} runs, {noise['total_wall_s'] / 60:.0f} min.", "",
@@ -158,23 +169,38 @@ def section_noise(noise) -> list[str]:
                 ("train_wall_s", "train s")]), "",
             "CapFilt against the injected noise (original training pairs; \"dropped\" as a detector of the noisy "
             "ones), with the calibrated threshold and, on the same scores, BLIP's fixed 0.5:", "",
-            common.markdown([r for r in rows if "capfilt" in r], ["noise"], [
+            common.markdown([r for r in rows if "capfilt" in r], ["noise", "recipe"], [
                 ("capfilt.calibrated/precision", "precision"), ("capfilt.calibrated/recall", "recall"),
                 ("capfilt.calibrated/clean_kept", "clean pairs kept"), ("capfilt.roc_auc", "ROC AUC"),
                 ("capfilt.images_without_caption", "images without caption"),
                 ("capfilt.fixed_0.5/clean_kept", "clean kept at 0.5"), ("capfilt.fixed_0.5/recall", "recall at 0.5")]),
             ""]
-    runs_by = {}
-    for r in rows:
-        runs_by[(r["noise"], r["recipe"])] = r["mean_recall"]["values"]
     lines = []
-    for level in sorted({r["noise"] for r in rows}):
-        for recipe, better in (("albef", "ALBEF ahead of CLIP"), ("blip", "BLIP ahead of CLIP")):
-            d = paired(runs_by.get((level, recipe), []), runs_by.get((level, "clip"), []))
+    levels = sorted({r["noise"] for r in rows})
+    for level in levels:
+        for recipe, better in (("albef", "ALBEF ahead of CLIP"), ("blip", "BLIP ahead of CLIP"),
+                               ("blip_uniform", "BLIP ahead of CLIP")):
+            d = paired_rows(row(rows, noise=level, recipe=recipe), row(rows, noise=level, recipe="clip"))
             if d:
                 lines.append(f"- {int(100 * level)} % noise, {recipe} − clip: {common.fmt(d)} "
                              f"({verdict(d, better, better.replace('ahead of', 'behind'))}).")
-    return out + ["Paired by seed:", ""] + lines + [""]
+    retention = []
+    for level in levels[1:]:
+        cells = {recipe: paired_rows(row(rows, noise=level, recipe=recipe), row(rows, noise=levels[0], recipe=recipe),
+                                     ratio=True) for recipe in ("clip", "albef", "blip", "blip_uniform")}
+        retention.append(f"- {int(100 * level)} % noise: " + "; ".join(
+            f"{recipe} {common.fmt(c, 2)}" for recipe, c in cells.items() if c) + ".")
+        for recipe in ("albef", "blip", "blip_uniform"):
+            va = {k: v for k, v in by_seed(row(rows, noise=level, recipe=recipe)).items()}
+            v0 = by_seed(row(rows, noise=levels[0], recipe=recipe))
+            c_level, c0 = by_seed(row(rows, noise=level, recipe="clip")), by_seed(row(rows, noise=levels[0], recipe="clip"))
+            seeds = sorted(set(va) & set(v0) & set(c_level) & set(c0))
+            if seeds:
+                d = common.interval(va[k] / v0[k] - c_level[k] / c0[k] for k in seeds)
+                retention.append(f"  - {recipe} keeps more of its clean recall than clip: {common.fmt(d, 2)} "
+                                 f"({verdict(d, 'more robust', 'less robust')}).")
+    return (out + ["Paired by seed:", ""] + lines + ["", "Robustness, the fraction of its own clean (0 %) recall each "
+                                                      "recipe keeps (per seed, then the interval):", ""] + retention + [""])
 
 
 def section_batch(batch) -> list[str]:
@@ -183,16 +209,21 @@ def section_batch(batch) -> list[str]:
         return out + ["Not run yet: `benchmarks/experiments/batch_size.py`.", ""]
     c = batch["config"]
     rows = batch["summary"]["rows"]
-    out += [f"`benchmarks/experiments/batch_size.py`: both recipes as shipped, each batch size B for {c['examples']}/B "
-            f"steps of stage 2 (equal examples seen) and {c['frozen_examples']}/B of stage 1, the recipes' own "
-            f"learning rate and schedule for every arm; {len(rows[0]['seeds'])} seeds. {batch['n_runs']} runs, "
-            f"{batch['total_wall_s'] / 60:.0f} min.", "", "![batch size](batch_size.png)", "",
+    out += [f"`benchmarks/experiments/batch_size.py`: `clip` and `siglip` as shipped, and `siglip_prior`: `siglip` "
+            "with its learnable bias started at the log prior odds of a positive pair in a batch of B, −log(B − 1), "
+            "instead of the paper's −10 (which the paper chose for its 32k batch so that training \"starts close to "
+            f"the prior\"). Each batch size B for {c['examples']}/B steps of stage 2 (equal examples seen) and "
+            f"{c['frozen_examples']}/B of stage 1, the recipes' own learning rate and schedule for every arm; "
+            f"{len(rows[0]['seeds'])} seeds. {batch['n_runs']} runs, {batch['total_wall_s'] / 60:.0f} min.", "",
+            "![batch size](batch_size.png)", "",
             common.markdown(rows, ["batch_size", "recipe", "steps"], [
                 ("mean_recall", "mean recall"), ("x_chance", "× chance"), ("zero_shot_top1", "zero-shot top-1"),
                 ("train_wall_s", "train s")]), "", "SigLIP − CLIP, paired by seed:", ""]
     for d in batch["summary"]["differences"]:
-        out.append(f"- batch {d['batch_size']}: {common.fmt(d['siglip_minus_clip'])} "
-                   f"({verdict(d['siglip_minus_clip'], 'SigLIP ahead', 'SigLIP behind')}).")
+        for arm, name in (("siglip", "siglip (b = −10)"), ("siglip_prior", "siglip_prior (b = −log(B − 1))")):
+            if d.get(f"{arm}_minus_clip"):
+                out.append(f"- batch {d['batch_size']}, {name} − clip: {common.fmt(d[f'{arm}_minus_clip'])} "
+                           f"({verdict(d[f'{arm}_minus_clip'], 'SigLIP ahead', 'SigLIP behind')}).")
     return out + [""]
 
 
@@ -213,7 +244,7 @@ def section_collapse(collapse) -> list[str]:
     for lang in ("en", "zh"):
         clip = row(rows, lang=lang, T_w="inf")
         for r in [r for r in rows if r["lang"] == lang and r["T_w"] != "inf"]:
-            d = paired(r["mean_recall"]["values"], clip["mean_recall"]["values"]) if clip else None
+            d = paired_rows(r, clip)
             out.append(f"- {lang}, T_w = {r['T_w']:g}: {common.fmt(d)} ({verdict(d, 'DAA ahead', 'DAA behind')}).")
     return out + [""]
 
@@ -235,7 +266,7 @@ def section_budget(budget) -> list[str]:
     for steps in sorted({r["steps"] for r in rows}):
         a, b = row(rows, steps=steps, recipe="albef"), row(rows, steps=steps, recipe="clip")
         if a and b:
-            d = paired(a["mean_recall"]["values"], b["mean_recall"]["values"])
+            d = paired_rows(a, b)
             lines.append(f"- {steps} steps: albef − clip {common.fmt(d)} ({verdict(d, 'ALBEF ahead', 'ALBEF behind')}); "
                          f"ALBEF's step costs {a['s_per_step']['mean'] / b['s_per_step']['mean']:.1f}× CLIP's.")
     return out + ["At equal steps, paired by seed:", ""] + lines + [""]

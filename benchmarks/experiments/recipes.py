@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="+", default=names, choices=names)
     parser.add_argument("--run", action="store_true", help="run each recipe not yet recorded at this commit")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--params", default="", help="more `kedro run --params` (e.g. training.stage_defaults."
+                        "reproducibility=native): recorded beside the results; the schedule stays the recipe's")
     args = parser.parse_args(argv)
     out = Path(args.out)
     state = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {"recipes": {}}
@@ -87,14 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             log = out.parent / "logs" / f"{recipe}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("w", encoding="utf-8") as fh:
-                done = subprocess.run([str(Path(sys.executable).with_name("kedro")), "run", "--params",
-                                       f"training.recipe={recipe}"], cwd=common.ROOT, env=env, stdout=fh,
-                                      stderr=subprocess.STDOUT)
+                params = ",".join([f"training.recipe={recipe}", *filter(None, [args.params])])
+                done = subprocess.run([str(Path(sys.executable).with_name("kedro")), "run", "--params", params],
+                                      cwd=common.ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
             if done.returncode:
                 print(f"{recipe}: kedro run failed ({done.returncode}); see {log}", file=sys.stderr)
                 continue
             metrics = collect(recipe)
             state["recipes"][recipe] = {"commit": head, "pipeline_wall_s": time.perf_counter() - start,
+                                        "params": params, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
                                         "description": training["recipes"][recipe].get("description", ""), **metrics}
             out.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
     for recipe, row in state["recipes"].items():

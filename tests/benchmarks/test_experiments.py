@@ -130,4 +130,8 @@ def test_verdicts_follow_the_interval() -> None:
     assert guide.verdict(common.interval([-0.10, -0.12, -0.11]), "ahead", "behind") == "behind"
     assert guide.verdict(common.interval([-0.1, 0.1, 0.02]), "ahead", "behind") == "not resolved at 95 %"
     assert guide.verdict(common.interval([0.3]), "ahead", "behind") == "one seed: not resolved"
-    assert guide.paired([0.5, 0.6], [0.4, 0.4])["values"] == pytest.approx([0.1, 0.2])
+    a = {"seeds": [2, 0, 1], "mean_recall": {"values": [0.7, 0.5, 0.6]}}  # rows list seeds in run order
+    b = {"seeds": [0, 1, 2], "mean_recall": {"values": [0.4, 0.4, 0.35]}}
+    assert guide.paired_rows(a, b)["values"] == pytest.approx([0.1, 0.2, 0.35])  # paired by seed, not position
+    assert guide.paired_rows(a, b, ratio=True)["values"] == pytest.approx([1.25, 1.5, 2.0])
+    assert guide.paired_rows(a, {"seeds": [5], "mean_recall": {"values": [0.1]}}) is None
