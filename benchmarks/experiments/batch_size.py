@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frozen-examples", type=int, default=640, help="pairs seen by the frozen-tower stage")
     args = parser.parse_args(argv)
     common.setup(args)
-    config = common.experiment_config(args, **{"examples": args.examples, "frozen_examples": args.frozen_examples})
+    config = common.experiment_config(args, ["clip", "siglip"], **{"examples": args.examples, "frozen_examples": args.frozen_examples})
     out = Path(args.out)
     runs = common.Runs(out, config)
     if not args.plot_only:

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     common.setup(args)
-    config = common.experiment_config(args, **{"steps": args.steps, "frozen_steps": args.frozen_steps, "batch_size": args.batch_size,
+    config = common.experiment_config(args, ["clip", "daa"], **{"steps": args.steps, "frozen_steps": args.frozen_steps, "batch_size": args.batch_size,
               "near_duplicates": args.near_duplicates, "group_size": args.group_size})
     out = Path(args.out)
     runs = common.Runs(out, config)

@@ -210,8 +210,19 @@ def _load_corpus(root: Path, conditions: dict[str, Any]) -> Corpus:
 
 
 def conf_digest() -> str:
-    """A digest of conf/base/parameters_training.yml: cached runs of another recipe definition are not reused."""
+    """A digest of the whole conf/base/parameters_training.yml (what the first runs' configs recorded)."""
     return hashlib.sha256(CONF.read_bytes()).hexdigest()[:12]
+
+
+def recipe_digest(names: Iterable[str]) -> str:
+    """A digest of what the recipes ``names`` resolve to (stages, model, sections): cached runs are reused until one
+    of the experiment's own recipes changes, whatever else changes in the file."""
+    from vlalign_pipelines.recipes import plan, resolve_model, resolve_stages
+
+    model, training = training_conf()
+    body = {name: {"stages": resolve_stages(training, name), "model": resolve_model(model, training, name),
+                   "sections": plan(training, name).sections} for name in sorted(set(names))}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def training_conf() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -350,9 +361,9 @@ def params_of(ckpt: dict[str, Any]) -> int:
 
 
 def lookup(row: dict[str, Any], path: str) -> Any:
-    """``row[a][b]`` for the path ``a.b`` (a key may itself hold ``/``); None when missing."""
+    """``row[a][b]`` for the path ``a.b`` (one level; the inner key may hold ``.`` and ``/``); None when missing."""
     value: Any = row
-    for part in path.split("."):
+    for part in path.split(".", 1):
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]
@@ -405,9 +416,9 @@ def setup(args: argparse.Namespace) -> None:
         DEMO_OVERRIDES[name] = yaml.safe_load(value)
 
 
-def experiment_config(args: argparse.Namespace, **fields: Any) -> dict[str, Any]:
-    """What decides an experiment's runs: its own settings, the recipes' definitions, the corpus overrides."""
-    return {**fields, "conf": conf_digest(), "demo": dict(DEMO_OVERRIDES)}
+def experiment_config(args: argparse.Namespace, recipes: Iterable[str], **fields: Any) -> dict[str, Any]:
+    """What decides an experiment's runs: its own settings, its recipes' definitions, the corpus overrides."""
+    return {**fields, "recipes": recipe_digest(recipes), "demo": dict(DEMO_OVERRIDES)}
 
 
 def figure(ncols: int, width: float = 4.6, height: float = 3.8):

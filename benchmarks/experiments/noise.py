@@ -100,7 +100,8 @@ def summarise(runs: dict) -> dict:
                     "images_without_caption": common.interval(c["images_without_caption"] for c in cf),
                     **{f"{cutname}/{k}": common.interval(c[cutname][k] for c in cf)
                        for cutname in ("calibrated", "fixed_0.5")
-                       for k in ("precision", "recall", "clean_kept") if all(c[cutname][k] == c[cutname][k] for c in cf)},
+                       for k in ("precision", "recall", "clean_kept")
+                       if all(c[cutname][k] == c[cutname][k] for c in cf) and (noise > 0 or k == "clean_kept")},
                 }
                 if all("roc_auc" in c for c in cf):
                     row["capfilt"]["roc_auc"] = common.interval(c["roc_auc"] for c in cf)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k-test", type=int, default=16, help="candidates re-scored by ITM (albef, blip)")
     args = parser.parse_args(argv)
     common.setup(args)
-    config = common.experiment_config(args, **{"steps": args.steps, "frozen_steps": args.frozen_steps, "batch_size": args.batch_size,
+    config = common.experiment_config(args, ["clip", "albef", "blip"], **{"steps": args.steps, "frozen_steps": args.frozen_steps, "batch_size": args.batch_size,
               "k_test": args.k_test, "lang": "en", "n_train": args.n_train})
     out = Path(args.out)
     runs = common.Runs(out, config)
