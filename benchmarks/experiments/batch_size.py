@@ -98,17 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     common.setup(args)
     config = common.experiment_config(args, ["clip", "siglip"], **{"examples": args.examples, "frozen_examples": args.frozen_examples})
-    out = Path(args.out)
-    runs = common.Runs(out, config)
-    if not args.plot_only:
-        for seed in args.seeds:
-            for batch in args.batch_sizes:
-                for recipe in args.recipes:
-                    spec = {"batch_size": batch, "recipe": recipe, "seed": seed}
-                    runs.run(f"b={batch}/{recipe}/seed={seed}", spec, lambda s: run(s, args))
-    summary = summarise(runs.done)
-    common.write_summary(out, "batch_size", config, runs.done, summary)
-    plot(runs.done, summary, out, args)
+    plan = [(f"b={batch}/{recipe}/seed={seed}", {"batch_size": batch, "recipe": recipe, "seed": seed})
+            for seed in args.seeds for batch in args.batch_sizes for recipe in args.recipes]
+    summary = common.execute(args, "batch_size", config, plan, run, summarise, plot)
     print(common.markdown(summary["rows"], ["batch_size", "recipe", "steps"], [
         ("mean_recall", "mean recall"), ("x_chance", "× chance"), ("zero_shot_top1", "zero-shot top-1"),
         ("train_wall_s", "train s")]))

@@ -104,17 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     common.setup(args)
     config = common.experiment_config(args, ["clip", "albef"], **{"frozen_steps": args.frozen_steps, "batch_size": args.batch_size, "k_test": args.k_test})
-    out = Path(args.out)
-    runs = common.Runs(out, config)
-    if not args.plot_only:
-        for seed in args.seeds:
-            for steps in args.budgets:
-                for recipe in args.recipes:
-                    spec = {"steps": steps, "recipe": recipe, "seed": seed}
-                    runs.run(f"steps={steps}/{recipe}/seed={seed}", spec, lambda s: run(s, args))
-    summary = summarise(runs.done)
-    common.write_summary(out, "budget", config, runs.done, summary)
-    plot(runs.done, summary, out, args)
+    plan = [(f"steps={steps}/{recipe}/seed={seed}", {"steps": steps, "recipe": recipe, "seed": seed})
+            for seed in args.seeds for steps in args.budgets for recipe in args.recipes]
+    summary = common.execute(args, "budget", config, plan, run, summarise, plot)
     print(common.markdown(summary["rows"], ["steps", "recipe", "time_constants"], [
         ("mean_recall", "mean recall"), ("x_chance", "× chance"), ("rerank_mean_recall", "re-ranked"),
         ("train_wall_s", "train s"), ("s_per_step", "s / step")]))

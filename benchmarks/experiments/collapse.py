@@ -122,17 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     common.setup(args)
     config = common.experiment_config(args, ["clip", "daa"], **{"steps": args.steps, "frozen_steps": args.frozen_steps, "batch_size": args.batch_size,
               "near_duplicates": args.near_duplicates, "group_size": args.group_size})
-    out = Path(args.out)
-    runs = common.Runs(out, config)
-    if not args.plot_only:
-        for seed in args.seeds:
-            for lang in args.langs:
-                for tw in args.temperatures:
-                    spec = {"lang": lang, "temperature": json_tw(tw), "seed": seed}
-                    runs.run(f"{lang}/tw={tw:g}/seed={seed}", spec, lambda s: run(s, args))
-    summary = summarise(runs.done, args.batch_size)
-    common.write_summary(out, "collapse", config, runs.done, summary)
-    plot(runs.done, summary, out, args)
+    plan = [(f"{lang}/tw={tw:g}/seed={seed}", {"lang": lang, "temperature": json_tw(tw), "seed": seed})
+            for seed in args.seeds for lang in args.langs for tw in args.temperatures]
+    summary = common.execute(args, "collapse", config, plan, run, lambda runs: summarise(runs, args.batch_size), plot)
     print(common.markdown(summary["rows"], ["lang", "arm"], [
         ("mean_recall", "mean recall"), ("x_chance", "× chance"), ("effective_batch_final", "effective batch (end)"),
         ("effective_batch_min", "effective batch (min)"), ("train_wall_s", "train s")]))

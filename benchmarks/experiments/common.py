@@ -137,6 +137,23 @@ class Runs:
         return record
 
 
+def execute(args: argparse.Namespace, name: str, config: dict[str, Any], plan: Iterable[tuple[str, dict[str, Any]]],
+            run: Callable[[dict[str, Any], argparse.Namespace], dict[str, Any]],
+            summarise: Callable[[dict[str, dict]], Any],
+            plot: Callable[[dict, Any, Path, argparse.Namespace], None]) -> Any:
+    """An experiment's common course: every planned ``(key, spec)`` run (cached ones skipped; none with
+    ``--plot-only``), then its summary written to ``<out>/<name>.json`` and its plot drawn. Returns the summary."""
+    out = Path(args.out)
+    runs = Runs(out, config)
+    if not args.plot_only:
+        for key, spec in plan:
+            runs.run(key, spec, lambda s: run(s, args))
+    summary = summarise(runs.done)
+    write_summary(out, name, config, runs.done, summary)
+    plot(runs.done, summary, out, args)
+    return summary
+
+
 def write_summary(out: Path, name: str, config: dict[str, Any], runs: dict[str, dict], summary: Any,
                   extra: dict[str, Any] | None = None) -> Path:
     """``<out>/<name>.json``: the experiment config, every run's key and wall time, and the summary."""

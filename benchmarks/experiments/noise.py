@@ -167,17 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     common.setup(args)
     config = common.experiment_config(args, ["clip", "albef", "blip"], **{"steps": args.steps, "frozen_steps": args.frozen_steps, "batch_size": args.batch_size,
               "k_test": args.k_test, "lang": "en", "n_train": args.n_train})
-    out = Path(args.out)
-    runs = common.Runs(out, config)
-    if not args.plot_only:
-        for seed in args.seeds:
-            for noise in args.noise:
-                for recipe in args.recipes:
-                    spec = {"noise": noise, "recipe": recipe, "seed": seed}
-                    runs.run(f"noise={noise}/{recipe}/seed={seed}", spec, lambda s: run(s, args))
-    summary = summarise(runs.done)
-    common.write_summary(out, "noise", config, runs.done, summary)
-    plot(runs.done, summary, out, args)
+    plan = [(f"noise={noise}/{recipe}/seed={seed}", {"noise": noise, "recipe": recipe, "seed": seed})
+            for seed in args.seeds for noise in args.noise for recipe in args.recipes]
+    summary = common.execute(args, "noise", config, plan, run, summarise, plot)
     print(common.markdown(summary["rows"], ["noise", "recipe"], [
         ("mean_recall", "mean recall"), ("x_chance", "× chance"), ("rerank_mean_recall", "re-ranked"),
         ("capfilt.calibrated/precision", "CapFilt precision"), ("capfilt.calibrated/recall", "CapFilt recall"),
